@@ -1,0 +1,20 @@
+-- Destination database: the replicated employees table and the consumer's bookkeeping.
+
+CREATE TABLE IF NOT EXISTS employees (
+    emp_id     INT PRIMARY KEY,
+    first_name VARCHAR(100),
+    last_name  VARCHAR(100),
+    dob        DATE,
+    city       VARCHAR(100),
+    salary     INT
+);
+
+-- The newest change applied per employee. A change is applied only if its action_id
+-- is newer, so a replayed or late change never overwrites a newer one. After a
+-- DELETE the row stays here as a tombstone (deleted = true), so a replayed older
+-- INSERT or UPDATE cannot bring the employee back.
+CREATE TABLE IF NOT EXISTS cdc_applied (
+    emp_id         INT PRIMARY KEY,
+    last_action_id BIGINT NOT NULL,
+    deleted        BOOLEAN NOT NULL
+);
