@@ -1,0 +1,314 @@
+#!/usr/bin/env python3
+"""CDC consumer: applies the change events of bf_employee_cdc to the destination
+PostgreSQL, a batch per transaction, with retry-then-DLQ for what cannot be applied.
+
+The apply is idempotent and order-safe: cdc_applied keeps, per employee, the newest
+action_id applied, and an older or repeated change is skipped; a DELETE leaves a
+tombstone there. So a batch applied again after a crash or a rebalance, or the whole
+topic replayed, changes nothing. Kafka offsets move only after the destination
+committed, and after every rejected message is safely in the DLQ.
+
+A batch the destination fails (unreachable, connection lost) is retried with
+exponential backoff, reconnecting each time, and then sent to the DLQ. A message that
+is not a valid change, or that the destination refuses (value too long, constraint),
+goes to the DLQ at once with the reason; the rest of its batch is applied.
+"""
+
+import json
+import logging
+from collections import namedtuple
+
+import psycopg2
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+import config
+import dlq
+from employee import Change, InvalidChange
+
+log = logging.getLogger("consumer")
+
+# Each employee's newest change in the batch is applied if it is newer than the one
+# applied before (ON CONFLICT ... WHERE); the statement returns those applied.
+# Rows are written in emp_id order so that concurrent consumers lock in one order.
+APPLY = """
+WITH incoming AS (
+    SELECT DISTINCT ON (emp_id) *
+    FROM jsonb_to_recordset(%(changes)s::jsonb) AS change(
+        action_id BIGINT, action TEXT, emp_id INT, first_name TEXT, last_name TEXT,
+        dob DATE, city TEXT, salary INT)
+    ORDER BY emp_id, action_id DESC
+),
+newest AS (
+    INSERT INTO cdc_applied AS applied (emp_id, last_action_id, deleted)
+    SELECT emp_id, action_id, action = 'DELETE' FROM incoming ORDER BY emp_id
+    ON CONFLICT (emp_id) DO UPDATE
+        SET last_action_id = excluded.last_action_id, deleted = excluded.deleted
+        WHERE applied.last_action_id < excluded.last_action_id
+    RETURNING emp_id, last_action_id
+),
+deleted AS (
+    DELETE FROM employees
+    WHERE emp_id IN (SELECT emp_id FROM incoming JOIN newest USING (emp_id)
+                     WHERE action = 'DELETE')
+),
+upserted AS (
+    INSERT INTO employees (emp_id, first_name, last_name, dob, city, salary)
+    SELECT emp_id, first_name, last_name, dob, city, salary
+    FROM incoming JOIN newest USING (emp_id)
+    WHERE action <> 'DELETE'
+    ORDER BY emp_id
+    ON CONFLICT (emp_id) DO UPDATE
+        SET first_name = excluded.first_name, last_name = excluded.last_name,
+            dob = excluded.dob, city = excluded.city, salary = excluded.salary
+)
+SELECT emp_id, last_action_id FROM newest
+"""
+
+# The destination is out of reach: worth retrying. Any other database error is about
+# the data and would fail again.
+UNREACHABLE = (psycopg2.OperationalError, psycopg2.InterfaceError)
+
+Rejected = namedtuple("Rejected", "message error error_class attempts")
+
+
+class BatchAbandoned(Exception):
+    """A stop came while the batch waited; its offsets are not stored, so the next
+    run consumes it again."""
+
+
+def parse_change(message):
+    """The change a Kafka message carries; InvalidChange says what is wrong with it."""
+    key, value = message.key(), message.value()
+    if not value:
+        raise InvalidChange("empty message")
+    if key is None:
+        raise InvalidChange("message has no key (expected the emp_id)")
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidChange(f"value is not UTF-8: {error}") from None
+    change = Change.from_json(text)
+    if key != change.key:
+        raise InvalidChange(f"key {key.decode('utf-8', 'replace')!r} does not match "
+                            f"emp_id {change.emp_id}")
+    return change
+
+
+def where(message):
+    return f"{message.topic()} [{message.partition()}] at offset {message.offset()}"
+
+
+class CdcConsumer:
+    def __init__(self, settings, stop):
+        self.settings = settings
+        self.stop = stop
+        group = {"group.id": settings.group, "client.id": "cdc-consumer",
+                 "auto.offset.reset": "earliest",
+                 # Offsets are stored by hand once a batch is applied, and committed
+                 # in the background and on close: at-least-once.
+                 "enable.auto.commit": True, "enable.auto.offset.store": False}
+        if settings.instance_id:
+            group["group.instance.id"] = settings.instance_id
+        self.kafka = Consumer(config.kafka_config(settings, **group))
+        self.dlq = Producer(config.producer_config(settings, "cdc-consumer-dlq"))
+        self.db = None  # connected on first use, so a destination that is down is retried
+
+    def run(self):
+        settings = self.settings
+        log.info("CDC Consumer started.")
+        log.info("Kafka broker: %s", settings.bootstrap_servers)
+        log.info("Consumer group: %s", settings.group)
+        log.info("Topic: %s", settings.topic)
+        log.info("DLQ Topic: %s", settings.dlq_topic)
+        log.info("Destination database: %s", config.database_name(settings, "dest"))
+        config.check_topics(self.kafka, settings, [settings.topic, settings.dlq_topic], self.stop)
+        self.kafka.subscribe([settings.topic], on_assign=self.on_assign, on_revoke=self.on_revoke)
+        log.info("Subscribed to topics: %s", [settings.topic])
+        failures = 0
+        while not self.stop.requested:
+            try:
+                self.work()
+                failures = 0
+            except BatchAbandoned:
+                log.info("Batch abandoned; it will be consumed again on the next start.")
+            except Exception:
+                failures += 1
+                log.exception("Unexpected error; the batch will be consumed again")
+                self.stop.sleep(min(settings.retry_backoff * 2 ** (failures - 1), 30))
+        self.kafka.close()  # commits the offsets stored so far and leaves the group
+        self.disconnect()
+        log.info("CDC Consumer stopped.")
+
+    def on_assign(self, consumer, partitions):
+        log.info("Assigned partitions: %s", sorted(p.partition for p in partitions))
+
+    def on_revoke(self, consumer, partitions):
+        log.info("Revoked partitions: %s", sorted(p.partition for p in partitions))
+
+    def work(self):
+        """Consumes, applies and acknowledges one batch; returns whether there was one."""
+        messages = self.poll_batch()
+        if not messages:
+            return False
+        try:
+            batch, rejected = self.decode(messages)
+            rejected += self.apply_with_retries(batch)
+            self.send_to_dlq(rejected)
+        except BaseException:
+            self.rewind(messages)
+            raise
+        self.store_offsets(messages)
+        log.info("Successfully processed %d messages (%d sent to DLQ).", len(messages), len(rejected))
+        return True
+
+    def poll_batch(self):
+        first = self.kafka.poll(1.0)
+        if first is None:
+            return []
+        messages = [first]
+        if self.settings.batch_size > 1:
+            # What is already fetched joins the first message, without waiting for more.
+            messages += self.kafka.consume(self.settings.batch_size - 1, timeout=0)
+        for message in messages:
+            if message.error():
+                log.error("Kafka error: %s", message.error().str())
+        return [message for message in messages if not message.error()]
+
+    def decode(self, messages):
+        batch, rejected = [], []
+        for index, message in enumerate(messages):
+            try:
+                change = parse_change(message)
+            except InvalidChange as error:
+                log.warning("Invalid message in %s: %s", where(message), error)
+                rejected.append(Rejected(message, str(error), "InvalidChange", 1))
+                continue
+            level = config.record_level(index)
+            log.log(level, "Consuming: %s", change)
+            log.log(level, "Message details: topic=%s, partition=%d, offset=%d",
+                    message.topic(), message.partition(), message.offset())
+            batch.append((message, change))
+        return batch, rejected
+
+    def apply_with_retries(self, batch):
+        """Applies the batch, retrying while the destination is out of reach; returns
+        what goes to the DLQ. Nothing new is consumed meanwhile."""
+        attempts = self.settings.max_retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return self.apply(batch)
+            except UNREACHABLE as error:
+                last_error = error
+                self.disconnect()
+                log.error("Error processing %d messages (attempt %d/%d): %s",
+                          len(batch), attempt, attempts, config.one_line(error))
+                if attempt < attempts and self.stop.sleep(self.settings.retry_backoff * 2 ** (attempt - 1)):
+                    raise BatchAbandoned() from None
+        log.error("Max retries exceeded. Sending to DLQ.")
+        return [Rejected(message, config.one_line(last_error), type(last_error).__name__, attempts)
+                for message, _ in batch]
+
+    def apply(self, batch):
+        if not batch:
+            return []
+        if self.db is None:
+            self.db = config.connect(self.settings, "dest", application_name="cdc-consumer")
+        try:
+            applied = self.execute_apply([change for _, change in batch])
+            self.db.commit()
+        except UNREACHABLE:
+            raise
+        except psycopg2.Error:
+            self.db.rollback()
+            return self.apply_one_by_one(batch)
+        self.log_applied(batch, applied)
+        return []
+
+    def apply_one_by_one(self, batch):
+        """After bad data failed the batch: each change under a savepoint, so that the
+        good ones commit and the bad ones are returned for the DLQ."""
+        applied, rejected, good = {}, [], []
+        for message, change in batch:
+            with self.db.cursor() as cursor:
+                cursor.execute("SAVEPOINT one_change")
+                try:
+                    applied.update(self.execute_apply([change]))
+                    good.append((message, change))
+                except UNREACHABLE:
+                    raise
+                except psycopg2.Error as error:
+                    cursor.execute("ROLLBACK TO SAVEPOINT one_change")
+                    log.warning("Destination refused %s in %s: %s", change, where(message),
+                                config.one_line(error))
+                    rejected.append(Rejected(message, config.one_line(error), type(error).__name__, 1))
+        self.db.commit()
+        self.log_applied(good, applied)
+        return rejected
+
+    def execute_apply(self, changes):
+        with self.db.cursor() as cursor:
+            cursor.execute(APPLY, {"changes": json.dumps([change.to_dict() for change in changes])})
+            return dict(cursor.fetchall())
+
+    def log_applied(self, batch, applied):
+        for index, (_, change) in enumerate(batch):
+            level = config.record_level(index)
+            if applied.get(change.emp_id) == change.action_id:
+                log.log(level, "%s operation completed for emp_id=%d", change.action, change.emp_id)
+            else:
+                log.log(level, "Skipped %s: a newer or equal change of emp_id=%d is already applied",
+                        change, change.emp_id)
+            log.log(level, "Successfully processed message: emp_id=%d, action=%s",
+                    change.emp_id, change.action)
+
+    def send_to_dlq(self, rejected):
+        """Parks the rejected messages in the DLQ, retrying until Kafka has them all."""
+        if not rejected:
+            return
+        messages = [dlq.message(topic=item.message.topic(), key=item.message.key(),
+                                value=item.message.value(), error=item.error, stage="consumer",
+                                error_class=item.error_class, attempts=item.attempts,
+                                partition=item.message.partition(), offset=item.message.offset())
+                    for item in rejected]
+        failures = 0
+        while refused := config.deliver(self.dlq, self.settings.dlq_topic, messages, self.stop):
+            failures += 1
+            log.error("The DLQ %s did not take %d messages (%s); their offsets stay until it does",
+                      self.settings.dlq_topic, len(refused), refused[0][0].str())
+            if self.stop.sleep(min(self.settings.retry_backoff * 2 ** (failures - 1), 30)):
+                raise BatchAbandoned()
+        for item in rejected:
+            log.warning("Message sent to DLQ: %s (%s: %s)", self.settings.dlq_topic,
+                        where(item.message), item.error)
+
+    def store_offsets(self, messages):
+        next_offsets = {}
+        for message in messages:
+            next_offsets[(message.topic(), message.partition())] = message.offset() + 1
+        self.kafka.store_offsets(offsets=[TopicPartition(topic, partition, offset)
+                                          for (topic, partition), offset in next_offsets.items()])
+
+    def rewind(self, messages):
+        """Seeks back to the start of a batch that was not acknowledged, so that
+        nothing after it is stored before it."""
+        first_offsets = {}
+        for message in messages:
+            first_offsets.setdefault((message.topic(), message.partition()), message.offset())
+        for (topic, partition), offset in first_offsets.items():
+            self.kafka.seek(TopicPartition(topic, partition, offset))
+
+    def disconnect(self):
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+
+def main(argv):
+    settings = config.parse_args(__doc__, argv, "dest", "kafka", "daemon", "consumer")
+    config.setup_logging(settings.log_level)
+    CdcConsumer(settings, config.StopFlag()).run()
+    return 0
+
+
+if __name__ == "__main__":
+    config.run_cli(main)

@@ -1,0 +1,155 @@
+"""The Employee model both daemons share: a row of `employees`, and a change of one.
+
+A change travels as one flat JSON object:
+    {"action_id": 7, "emp_id": 1, "first_name": "John", "last_name": "Doe",
+     "dob": "1990-01-01", "city": "New York", "salary": 75000, "action": "INSERT"}
+Every field is required; all but action_id, emp_id and action may be null.
+Validation raises InvalidChange with a message that names the field.
+"""
+
+import calendar
+import json
+import re
+from datetime import date
+from dataclasses import dataclass, fields
+
+ACTIONS = ("INSERT", "UPDATE", "DELETE")
+TEXT_MAX_LENGTH = 100  # VARCHAR(100) in scripts/source/init.sql and scripts/destination/init.sql
+INT_MIN, INT_MAX = -2**31, 2**31 - 1  # PostgreSQL INT
+BIGINT_MAX = 2**63 - 1
+
+# PostgreSQL prints dates as YYYY-MM-DD (DateStyle ISO), with more year digits after
+# 9999, " BC" before year 1, and the special values infinity and -infinity.
+_DATE = re.compile(r"(\d{4,})-(\d{2})-(\d{2})( BC)?")
+
+
+_ENCODER = json.JSONEncoder(ensure_ascii=False)
+
+
+class InvalidChange(ValueError):
+    """A change that cannot be applied; the message says which field and why."""
+
+
+def _check_int(field, value, low, high, nullable):
+    if value is None:
+        if not nullable:
+            raise InvalidChange(f"{field}: missing or null")
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidChange(f"{field}: expected an integer, got {json.dumps(value)}")
+    if not low <= value <= high:
+        raise InvalidChange(f"{field}: {value} is out of range ({low} to {high})")
+
+
+def _check_text(field, value):
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise InvalidChange(f"{field}: expected a string or null, got {json.dumps(value)}")
+    if len(value) > TEXT_MAX_LENGTH:
+        raise InvalidChange(f"{field}: {len(value)} characters, longer than the column's "
+                            f"{TEXT_MAX_LENGTH}")
+
+
+def _check_date(field, value):
+    if value is None or value in ("infinity", "-infinity"):
+        return
+    if not isinstance(value, str):
+        raise InvalidChange(f"{field}: expected an ISO date string or null, got {json.dumps(value)}")
+    if len(value) == 10 and value[4] == value[7] == "-":
+        try:
+            date.fromisoformat(value)  # the common case, checked at C speed
+            return
+        except ValueError:
+            pass
+    match = _DATE.fullmatch(value)
+    if not match:
+        raise InvalidChange(f"{field}: {value!r} is not a date in YYYY-MM-DD form")
+    year, month, day = int(match[1]), int(match[2]), int(match[3])
+    # 1 BC is year 0 of the proleptic Gregorian calendar, so it is a leap year.
+    leap = calendar.isleap(1 - year if match[4] else year)
+    if year == 0 or not 1 <= month <= 12 or not 1 <= day <= calendar.mdays[month] + (month == 2 and leap):
+        raise InvalidChange(f"{field}: {value!r} is not a valid date")
+
+
+@dataclass(slots=True)
+class Employee:
+    emp_id: int
+    first_name: str | None
+    last_name: str | None
+    dob: str | None  # ISO date as PostgreSQL prints it
+    city: str | None
+    salary: int | None
+
+    def __post_init__(self):
+        _check_int("emp_id", self.emp_id, INT_MIN, INT_MAX, nullable=False)
+        for field in ("first_name", "last_name", "city"):
+            _check_text(field, getattr(self, field))
+        _check_date("dob", self.dob)
+        _check_int("salary", self.salary, INT_MIN, INT_MAX, nullable=True)
+
+
+EMPLOYEE_FIELDS = tuple(field.name for field in fields(Employee))
+CHANGE_FIELDS = ("action_id", *EMPLOYEE_FIELDS, "action")
+
+
+@dataclass(slots=True)
+class Change:
+    """One captured INSERT, UPDATE or DELETE: the row as the change left it (for a
+    DELETE, as it was), numbered by action_id in the order the source made them."""
+
+    action_id: int
+    action: str
+    employee: Employee
+
+    def __post_init__(self):
+        _check_int("action_id", self.action_id, 1, BIGINT_MAX, nullable=False)
+        if self.action not in ACTIONS:
+            raise InvalidChange(f"action: {json.dumps(self.action)} is not one of {', '.join(ACTIONS)}")
+
+    @property
+    def emp_id(self):
+        return self.employee.emp_id
+
+    @property
+    def key(self):
+        """The Kafka key: emp_id as UTF-8 text, so one employee's changes share a partition."""
+        return str(self.emp_id).encode()
+
+    @classmethod
+    def from_row(cls, row):
+        """From an emp_cdc row selected as (action_id, <employee fields>, action),
+        with dob as text."""
+        action_id, *employee, action = row
+        return cls(action_id, action, Employee(*employee))
+
+    @classmethod
+    def from_dict(cls, data):
+        if not isinstance(data, dict):
+            raise InvalidChange(f"expected a JSON object, got {type(data).__name__}")
+        missing = [name for name in CHANGE_FIELDS if name not in data]
+        if missing:
+            raise InvalidChange(f"{', '.join(missing)}: missing")
+        employee = Employee(**{name: data[name] for name in EMPLOYEE_FIELDS})
+        return cls(data["action_id"], data["action"], employee)
+
+    @classmethod
+    def from_json(cls, text):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise InvalidChange(f"malformed JSON: {error}") from None
+        return cls.from_dict(data)
+
+    def to_dict(self):
+        employee = self.employee
+        return {"action_id": self.action_id, "emp_id": employee.emp_id,
+                "first_name": employee.first_name, "last_name": employee.last_name,
+                "dob": employee.dob, "city": employee.city, "salary": employee.salary,
+                "action": self.action}
+
+    def to_json(self):
+        return _ENCODER.encode(self.to_dict()).encode()
+
+    def __str__(self):
+        return f"action_id={self.action_id}, emp_id={self.emp_id}, action={self.action}"

@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""CDC producer: publishes every committed change captured in the source's emp_cdc
+to Kafka, keyed by emp_id, as JSON.
+
+Batches are cut by transaction snapshots, the way PgQ cuts them. Every transaction
+visible in cdc_offset.snapshot is published; the next batch is the changes of the
+transactions visible in a newer snapshot and not in that one. A transaction that took
+a small action_id and commits late is published in the batch where it becomes visible,
+never skipped; a rolled-back one never is. Within a batch the changes go out in
+action_id order, which for one employee is the order of the commits: a second writer
+of the same row waits for the first to commit before its trigger numbers its change.
+
+The watermark moves only after Kafka acknowledged what it covers, so a crash
+republishes, never skips; the consumer's idempotent apply absorbs the copies.
+One producer publishes from a source at a time: a second one waits on an advisory lock
+and takes over when the first stops.
+"""
+
+import json
+import logging
+import select
+import time
+
+import psycopg2
+from confluent_kafka import KafkaError, Producer
+
+import config
+import dlq
+from employee import CHANGE_FIELDS, Change, InvalidChange
+
+log = logging.getLogger("producer")
+
+PRODUCER_LOCK = 0x62665F636463  # advisory lock key held by the active producer ("bf_cdc")
+
+LOAD_BATCH = """
+SELECT last_action_id, snapshot::text,
+       COALESCE(batch_snapshot, pg_current_snapshot())::text,
+       batch_action_id, batch_snapshot IS NOT NULL
+FROM cdc_offset WHERE id = 1
+"""
+
+FETCH_BATCH = """
+SELECT action_id, emp_id, first_name, last_name, dob::text, city, salary, action
+FROM emp_cdc
+WHERE txid >= pg_snapshot_xmin(%(since)s::pg_snapshot)
+  AND txid < pg_snapshot_xmax(%(until)s::pg_snapshot)
+  AND pg_visible_in_snapshot(txid, %(until)s::pg_snapshot)
+  AND NOT pg_visible_in_snapshot(txid, %(since)s::pg_snapshot)
+  AND action_id > %(after)s
+ORDER BY action_id
+"""
+
+SAVE_PROGRESS = """
+UPDATE cdc_offset
+SET last_action_id = GREATEST(last_action_id, %(action_id)s),
+    batch_snapshot = %(until)s::pg_snapshot, batch_action_id = %(action_id)s
+WHERE id = 1
+RETURNING last_action_id
+"""
+
+CLOSE_BATCH = """
+UPDATE cdc_offset
+SET snapshot = %(until)s::pg_snapshot, batch_snapshot = NULL, batch_action_id = 0
+WHERE id = 1
+"""
+
+# Refusals that no retry can cure, because of the message itself: such a change goes
+# to the DLQ. Any other refusal (broker down, leader moving, timeout) is retried.
+REFUSED_FOR_GOOD = {
+    KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG, KafkaError.INVALID_MSG_SIZE,
+    KafkaError.INVALID_RECORD, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError._INVALID_ARG,
+    KafkaError.POLICY_VIOLATION,
+}
+
+
+class PublishError(Exception):
+    """Kafka did not take a change; the watermark stays before it."""
+
+
+class CdcProducer:
+    def __init__(self, settings, stop):
+        self.settings = settings
+        self.stop = stop
+        self.kafka = Producer(config.producer_config(settings, "cdc-producer"))
+        self.db = None  # autocommit: the producer lock, LISTEN, the watermark
+        self.reader = None  # reads a batch through a server-side cursor
+
+    def run(self):
+        settings = self.settings
+        log.info("CDC Producer started. Polling for new records...")
+        log.info("Kafka broker: %s", settings.bootstrap_servers)
+        log.info("Topic: %s", settings.topic)
+        log.info("DLQ Topic: %s", settings.dlq_topic)
+        log.info("Source database: %s", config.database_name(settings, "source"))
+        config.check_topics(self.kafka, settings, [settings.topic, settings.dlq_topic], self.stop)
+        failures = 0
+        idle = False
+        while not self.stop.requested:
+            try:
+                if self.db is None:
+                    self.connect()
+                elif self.work():
+                    idle = False
+                else:
+                    if not idle:
+                        log.info("No new CDC records found. Waiting up to %g seconds for a commit...",
+                                 settings.poll_interval)
+                    idle = True
+                    self.wait_for_changes()
+                failures = 0
+            except config.ConfigError:
+                raise
+            except (psycopg2.OperationalError, psycopg2.InterfaceError, PublishError) as error:
+                failures += 1
+                log.error("%s; retrying", config.one_line(error))
+                self.backoff(failures)
+            except Exception:
+                failures += 1
+                log.exception("Unexpected error; retrying")
+                self.backoff(failures)
+        self.disconnect()
+        log.info("CDC Producer stopped.")
+
+    def backoff(self, failures):
+        self.disconnect()
+        self.stop.sleep(min(self.settings.retry_backoff * 2 ** (failures - 1), 30))
+
+    def connect(self):
+        """Connects to the source and waits for the producer lock."""
+        self.db = config.connect(self.settings, "source", application_name="cdc-producer")
+        self.db.autocommit = True
+        with self.db.cursor() as cursor:
+            waiting = False
+            cursor.execute("SELECT pg_try_advisory_lock(%s)", (PRODUCER_LOCK,))
+            while not cursor.fetchone()[0]:
+                if not waiting:
+                    log.info("Another producer is publishing from %s; waiting for it to stop...",
+                             config.database_name(self.settings, "source"))
+                    waiting = True
+                if self.stop.sleep(1):
+                    return
+                cursor.execute("SELECT pg_try_advisory_lock(%s)", (PRODUCER_LOCK,))
+            if waiting:
+                log.info("The other producer stopped; taking over.")
+            try:
+                cursor.execute("LISTEN emp_cdc")
+                cursor.execute("SELECT last_action_id FROM cdc_offset WHERE id = 1")
+            except psycopg2.ProgrammingError as error:
+                raise config.ConfigError(f"source database {config.database_name(self.settings, 'source')}: "
+                                         f"{config.one_line(error)} (apply scripts/source/init.sql)") from None
+            log.info("Loaded offset: %d", cursor.fetchone()[0])
+        # Planned for the whole result, not the first rows: a batch is read to its end.
+        self.reader = config.connect(self.settings, "source", application_name="cdc-producer-reader",
+                                     options="-c DateStyle=ISO -c cursor_tuple_fraction=1")
+
+    def disconnect(self):
+        for connection in (self.reader, self.db):
+            if connection is not None:
+                connection.close()
+        self.db = self.reader = None
+
+    def work(self):
+        """Publishes the open batch, or a new one; returns whether it published anything.
+        A stop leaves the batch open, to be finished by the next run."""
+        with self.db.cursor() as cursor:
+            cursor.execute(LOAD_BATCH)
+            _, since, until, after, batch_open = cursor.fetchone()
+        published = 0
+        with self.reader, self.reader.cursor("emp_cdc_batch") as batch:
+            batch.execute(FETCH_BATCH, {"since": since, "until": until, "after": after})
+            while rows := batch.fetchmany(self.settings.batch_size):
+                self.publish(rows)
+                published += len(rows)
+                with self.db.cursor() as cursor:
+                    cursor.execute(SAVE_PROGRESS, {"until": until, "action_id": rows[-1][0]})
+                    log.info("Successfully published %d records. Offset saved: %d",
+                             len(rows), cursor.fetchone()[0])
+                if self.stop.requested:
+                    return True
+        if published or batch_open:
+            with self.db.cursor() as cursor:
+                cursor.execute(CLOSE_BATCH, {"until": until})
+        return published > 0
+
+    def publish(self, rows):
+        """Publishes the changes and waits for Kafka's acknowledgement. A change that
+        cannot be serialised, or that Kafka refuses for good, goes to the DLQ; raises
+        PublishError if any change reached neither topic."""
+        log.info("Fetched %d new CDC records.", len(rows))
+        settings = self.settings
+        changes, parked = [], []
+        for row in rows:
+            try:
+                changes.append(Change.from_row(row))
+            except InvalidChange as error:
+                parked.append(self.dlq_message(row, error))
+        messages = [(change.key, change.to_json(), None) for change in changes]
+        refused = config.deliver(self.kafka, settings.topic, messages, self.stop)
+        retriable = [error for error, _, _ in refused if error.code() not in REFUSED_FOR_GOOD]
+        if retriable:
+            raise PublishError(f"Kafka did not acknowledge {len(retriable)} of {len(changes)} "
+                               f"changes: {retriable[0].str()}")
+        parked += [dlq.message(topic=settings.topic, key=key, value=value, error=error.str(),
+                               stage="producer", error_class=error.name(), attempts=1)
+                   for error, key, value in refused]
+        if parked and config.deliver(self.kafka, settings.dlq_topic, parked, self.stop):
+            raise PublishError(f"{len(parked)} changes reached neither {settings.topic} "
+                               f"nor {settings.dlq_topic}")
+        for _, value, _ in parked:
+            log.warning("Message sent to DLQ: %s (%s)", settings.dlq_topic, json.loads(value)["error"])
+        refused_values = {value for _, _, value in refused}
+        published = (change for change, (_, value, _) in zip(changes, messages)
+                     if value not in refused_values)
+        for index, change in enumerate(published):
+            log.log(config.record_level(index), "Published CDC record: %s", change)
+
+    def dlq_message(self, row, error):
+        """A DLQ message for an emp_cdc row that is not a valid change."""
+        fields = dict(zip(CHANGE_FIELDS, row))
+        key = None if fields["emp_id"] is None else str(fields["emp_id"]).encode()
+        return dlq.message(topic=self.settings.topic, key=key,
+                           value=json.dumps(fields, default=str).encode(),
+                           error=f"action_id={fields['action_id']}: {error}", stage="producer",
+                           error_class=type(error).__name__, attempts=1,
+                           action_id=fields["action_id"])
+
+    def wait_for_changes(self):
+        """Returns when a commit notifies emp_cdc, the poll interval ends, or on a stop."""
+        deadline = time.monotonic() + self.settings.poll_interval
+        while not self.db.notifies and not self.stop.requested:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if select.select([self.db], [], [], min(remaining, 0.1))[0]:
+                self.db.poll()
+        self.db.notifies.clear()
+
+
+def main(argv):
+    settings = config.parse_args(__doc__, argv, "source", "kafka", "daemon", "producer")
+    config.setup_logging(settings.log_level)
+    CdcProducer(settings, config.StopFlag()).run()
+    return 0
+
+
+if __name__ == "__main__":
+    config.run_cli(main)
