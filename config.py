@@ -32,7 +32,7 @@ class Setting:
 
 
 def _database_settings(side, port):
-    label = f"{side} PostgreSQL"
+    label = {"source": "source", "dest": "destination"}[side] + " PostgreSQL"
     prefix = side.upper()
     return [
         Setting(f"{side}_host", f"{prefix}_DB_HOST", "localhost", f"{label} host", side),
