@@ -169,9 +169,9 @@ def database_name(settings, side):
 
 def kafka_config(settings, **client_settings):
     """One librdkafka configuration dict: the bootstrap servers, the client's own
-    settings, then KAFKA_CONFIG, which wins."""
-    return {"bootstrap.servers": settings.bootstrap_servers, **client_settings,
-            **settings.kafka_config}
+    settings, then KAFKA_CONFIG, which wins. librdkafka logs through the "kafka" logger."""
+    return {"bootstrap.servers": settings.bootstrap_servers, "logger": KAFKA_LOG,
+            **client_settings, **settings.kafka_config}
 
 
 def producer_config(settings, client_id):
@@ -211,6 +211,26 @@ def deliver(producer, topic, messages, stop=None):
 
 
 # --- daemons ------------------------------------------------------------------
+
+class _RepeatFilter(logging.Filter):
+    """Drops a log line that repeats one of the last 30 seconds, numbers aside:
+    librdkafka reports a refused connection every few milliseconds while a broker is down."""
+
+    def __init__(self):
+        super().__init__()
+        self.last_seen = {}
+
+    def filter(self, record):
+        gist = re.sub(r"\d+", "#", record.getMessage())
+        now = time.monotonic()
+        if now - self.last_seen.get(gist, -60) < 30:
+            return False
+        self.last_seen[gist] = now
+        return True
+
+
+KAFKA_LOG = logging.getLogger("kafka")
+KAFKA_LOG.addFilter(_RepeatFilter())
 
 RECORD_LINES = 10  # per batch, the first records are logged at INFO, the rest at DEBUG
 

@@ -1,0 +1,321 @@
+#!/usr/bin/env python3
+"""Kafka administration for the CDC pipeline: topics, the consumer group, the DLQ.
+
+  python admin.py                          list the topics (as `list`)
+  python admin.py create                   create bf_employee_cdc (3 partitions) and
+                                           bf_employee_cdc_dlq (1 partition)
+  python admin.py create my_topic --partitions 6
+  python admin.py describe bf_employee_cdc partitions, leaders, offsets
+  python admin.py delete my_topic --yes
+  python admin.py group                    bf_group: members, committed offset and lag
+  python admin.py dlq list --key 103       DLQ records, newest first
+  python admin.py dlq count --error connection
+  python admin.py dlq replay               republish what is not yet replayed
+
+`dlq replay` marks what it republished with a marker record in the DLQ itself, so a
+second replay does not send it again. Replaying is safe at any time: the consumer
+skips a change older than the one it already applied.
+"""
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+
+from confluent_kafka import (Consumer, ConsumerGroupTopicPartitions, KafkaError,
+                             KafkaException, Producer, TopicPartition)
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
+
+import config
+import dlq
+
+TIMEOUT = 10  # seconds for any answer from Kafka
+REPLAYED = "dlq.replayed"  # header of the marker records `dlq replay` writes
+
+
+# --- topics -----------------------------------------------------------------------
+
+def list_topics(admin, settings):
+    topics = admin.list_topics(timeout=TIMEOUT).topics
+    print(f"Topics on {settings.bootstrap_servers}:")
+    for name in sorted(topics):
+        if settings.all or not name.startswith("__"):
+            count = len(topics[name].partitions)
+            print(f"  {name} ({count} partition{'s' * (count != 1)})")
+
+
+def create_topics(admin, settings):
+    contract_partitions = {settings.topic: 3, settings.dlq_topic: 1}
+    names = settings.topics or list(contract_partitions)
+    new_topics = [NewTopic(name, settings.partitions or contract_partitions.get(name, 1),
+                           settings.replication_factor) for name in names]
+    failed = False
+    for topic in new_topics:
+        future = admin.create_topics([topic], request_timeout=TIMEOUT)[topic.topic]
+        try:
+            future.result()
+            print(f"Created topic {topic.topic} ({topic.num_partitions} partitions)")
+        except KafkaException as error:
+            if error.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                print(f"Topic {topic.topic} already exists")
+            else:
+                print(f"Error: topic {topic.topic}: {error.args[0].str()}", file=sys.stderr)
+                failed = True
+    return 1 if failed else 0
+
+
+def describe_topics(admin, settings):
+    topics = admin.list_topics(timeout=TIMEOUT).topics
+    for name in settings.topics or [settings.topic, settings.dlq_topic]:
+        if name not in topics:
+            raise config.ConfigError(f"topic {name!r} does not exist")
+        partitions = sorted(topics[name].partitions.values(), key=lambda p: p.id)
+        earliest = _offsets(admin, name, partitions, OffsetSpec.earliest())
+        latest = _offsets(admin, name, partitions, OffsetSpec.latest())
+        print(f"Topic: {name}  partitions: {len(partitions)}  "
+              f"messages: {sum(latest[p.id] - earliest[p.id] for p in partitions)}")
+        for p in partitions:
+            print(f"  partition {p.id}: leader {p.leader}, replicas {p.replicas}, isr {p.isrs}, "
+                  f"offsets {earliest[p.id]}..{latest[p.id]}")
+
+
+def _offsets(admin, topic, partitions, spec):
+    futures = admin.list_offsets({TopicPartition(topic, p.id): spec for p in partitions},
+                                 request_timeout=TIMEOUT)
+    return {tp.partition: future.result().offset for tp, future in futures.items()}
+
+
+def delete_topics(admin, settings):
+    if not settings.yes:
+        raise config.ConfigError(f"deleting {', '.join(settings.topics)} loses every message in it; "
+                                 "add --yes to go ahead")
+    for name, future in admin.delete_topics(settings.topics, request_timeout=TIMEOUT).items():
+        future.result()
+        print(f"Deleted topic {name}")
+
+
+# --- consumer group -----------------------------------------------------------------
+
+def describe_group(admin, settings):
+    name = settings.group or settings.group
+    description = admin.describe_consumer_groups([name], request_timeout=TIMEOUT)[name].result()
+    committed = admin.list_consumer_group_offsets(
+        [ConsumerGroupTopicPartitions(name)], request_timeout=TIMEOUT)[name].result().topic_partitions
+    owners = {(tp.topic, tp.partition): member.client_id
+              for member in description.members for tp in member.assignment.topic_partitions}
+    committed_at = {(tp.topic, tp.partition): tp.offset for tp in committed}
+    partitions = sorted(set(owners) | set(committed_at))
+    if not partitions:
+        raise config.ConfigError(f"consumer group {name!r} has no members and no committed offsets")
+    ends = admin.list_offsets({TopicPartition(*tp): OffsetSpec.latest() for tp in partitions},
+                              request_timeout=TIMEOUT)
+    end_at = {(tp.topic, tp.partition): future.result().offset for tp, future in ends.items()}
+    print(f"Consumer group: {name}  state: {description.state.name}  "
+          f"members: {len(description.members)}")
+    print(f"{'TOPIC':<28} {'PARTITION':>9} {'COMMITTED':>10} {'END':>10} {'LAG':>8}  MEMBER")
+    for topic, partition in partitions:
+        offset = committed_at.get((topic, partition), -1)
+        end = end_at[(topic, partition)]
+        shown, lag = (offset, end - offset) if offset >= 0 else ("-", "-")
+        print(f"{topic:<28} {partition:>9} {shown:>10} {end:>10} {lag:>8}  "
+              f"{owners.get((topic, partition), '-')}")
+
+
+# --- DLQ ----------------------------------------------------------------------------
+
+@dataclass
+class DlqEntry:
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: dict
+
+    @property
+    def record(self):
+        """The DLQ record's JSON, or None if this is not one."""
+        try:
+            record = json.loads(self.value)
+        except (TypeError, ValueError):
+            return None
+        return record if isinstance(record, dict) and "original_topic" in record else None
+
+    def matches(self, settings):
+        record = self.record or {}
+        if settings.key is not None and record.get("original_key") != settings.key:
+            return False
+        searched = f"{record.get('error', '')} {self.headers.get(dlq.ERROR_CLASS, '')}".lower()
+        return settings.error is None or settings.error.lower() in searched
+
+
+def read_dlq(settings):
+    """The DLQ's records oldest first, without the markers, and the set of
+    (partition, offset) the markers say were replayed."""
+    reader = Consumer(config.kafka_config(settings, **{
+        "group.id": "cdc-admin-dlq", "enable.auto.commit": False}))
+    try:
+        topic = reader.list_topics(settings.dlq_topic, timeout=TIMEOUT).topics[settings.dlq_topic]
+        if topic.error is not None:
+            raise config.ConfigError(f"DLQ topic {settings.dlq_topic!r}: {topic.error.str()}")
+        entries, replayed = [], set()
+        for partition in sorted(topic.partitions):
+            for message in _read_partition(reader, settings.dlq_topic, partition):
+                headers = {name: value.decode("utf-8", "replace") for name, value in message.headers() or []}
+                if REPLAYED in headers:
+                    replayed.update(map(tuple, json.loads(message.value())["replayed"]))
+                else:
+                    entries.append(DlqEntry(partition, message.offset(), message.key(),
+                                            message.value(), headers))
+        return entries, replayed
+    finally:
+        reader.close()
+
+
+def _read_partition(reader, topic, partition):
+    low, high = reader.get_watermark_offsets(TopicPartition(topic, partition), timeout=TIMEOUT)
+    if high <= low:
+        return
+    reader.assign([TopicPartition(topic, partition, low)])
+    while True:
+        message = reader.poll(TIMEOUT)
+        if message is None:
+            raise config.ConfigError(f"{topic} [{partition}]: no answer from Kafka in {TIMEOUT} s")
+        if message.error():
+            raise KafkaException(message.error())
+        yield message
+        if message.offset() >= high - 1:
+            return
+
+
+def selected_entries(settings):
+    entries, replayed = read_dlq(settings)
+    return [entry for entry in entries if entry.matches(settings)
+            and (getattr(settings, "all", False) or (entry.partition, entry.offset) not in replayed)], replayed
+
+
+def dlq_list(admin, settings):
+    entries, replayed = selected_entries(settings)
+    print(f"{len(entries)} DLQ record(s) in {settings.dlq_topic}"
+          + ("" if settings.all else " not yet replayed (--all shows those too)"))
+    for entry in reversed(entries[-settings.limit:] if settings.limit else entries):
+        print()
+        _print_entry(entry, (entry.partition, entry.offset) in replayed)
+
+
+def _print_entry(entry, was_replayed):
+    record = entry.record
+    if record is None:
+        print(f"[{entry.partition}] offset {entry.offset}: not a DLQ record: {entry.value[:200]!r}")
+        return
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.get("timestamp") or 0))
+    headers = entry.headers
+    print(f"[{entry.partition}] offset {entry.offset}  {when}  key={record.get('original_key')}"
+          f"  {headers.get(dlq.STAGE, '?')}, {headers.get(dlq.ATTEMPTS, '?')} attempt(s), "
+          f"{headers.get(dlq.ERROR_CLASS, '?')}" + ("  (replayed)" if was_replayed else ""))
+    origin = (f"{record['original_topic']} [{record['partition']}] at offset {record['offset']}"
+              if record.get("offset") is not None else f"{record['original_topic']} (never published)")
+    print(f"    from:  {origin}")
+    print(f"    error: {record.get('error')}")
+    value = record.get("original_value")
+    print(f"    value: {value if value is None or len(value) <= 200 else value[:200] + '...'}")
+
+
+def dlq_count(admin, settings):
+    entries, _ = selected_entries(settings)
+    print(len(entries))
+
+
+def dlq_replay(admin, settings):
+    entries, _ = selected_entries(settings)
+    entries = [entry for entry in entries if entry.record is not None]
+    if not entries:
+        print(f"Nothing to replay from {settings.dlq_topic}.")
+        return 0
+    producer = Producer(config.producer_config(settings, "cdc-admin-replay"))
+    messages = [(dlq.original(entry.record, "original_key"), dlq.original(entry.record, "original_value"),
+                 [("dlq.replayed_from", f"{settings.dlq_topic}:{entry.partition}:{entry.offset}")])
+                for entry in entries]
+    refused = config.deliver(producer, settings.topic, messages)
+    if refused:
+        raise config.ConfigError(f"{settings.topic} refused {len(refused)} of {len(messages)} "
+                                 f"messages ({refused[0][0].str()}); nothing was marked replayed")
+    marker = {"replayed": [[entry.partition, entry.offset] for entry in entries],
+              "to_topic": settings.topic, "timestamp": time.time()}
+    if config.deliver(producer, settings.dlq_topic,
+                      [(None, json.dumps(marker).encode(), [(REPLAYED, b"1")])]):
+        raise config.ConfigError(f"replayed {len(entries)} messages, but could not mark them in "
+                                 f"{settings.dlq_topic}; a second replay will send them again")
+    print(f"Replayed {len(entries)} messages from {settings.dlq_topic} to {settings.topic}.")
+    return 0
+
+
+# --- command line -------------------------------------------------------------------
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    config.add_settings(parser, "kafka", "consumer")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    command = commands.add_parser("list", help="list the topics  (python admin.py list --all)")
+    command.add_argument("--all", action="store_true", help="include Kafka's internal topics")
+    command.set_defaults(run=list_topics)
+
+    command = commands.add_parser("create", help="create topics  (python admin.py create)")
+    command.add_argument("topics", nargs="*", metavar="TOPIC",
+                         help="topics to create (default: the main topic and the DLQ)")
+    command.add_argument("--partitions", type=int,
+                         help="partitions (default: 3 for the main topic, 1 otherwise)")
+    command.add_argument("--replication-factor", type=int, default=1, help="replicas (default: 1)")
+    command.set_defaults(run=create_topics)
+
+    command = commands.add_parser("describe", help="partitions and offsets  "
+                                  "(python admin.py describe bf_employee_cdc)")
+    command.add_argument("topics", nargs="*", metavar="TOPIC",
+                         help="topics (default: the main topic and the DLQ)")
+    command.set_defaults(run=describe_topics)
+
+    command = commands.add_parser("delete", help="delete topics  (python admin.py delete old --yes)")
+    command.add_argument("topics", nargs="+", metavar="TOPIC")
+    command.add_argument("--yes", action="store_true", help="confirm: the messages are lost")
+    command.set_defaults(run=delete_topics)
+
+    command = commands.add_parser("group", help="consumer group members, offsets, lag  "
+                                  "(python admin.py group bf_group)")
+    command.add_argument("group", nargs="?", help="group (default: KAFKA_GROUP_ID)")
+    command.set_defaults(run=describe_group)
+
+    dlq_command = commands.add_parser("dlq", help="inspect and replay the DLQ  (python admin.py dlq list)")
+    dlq_commands = dlq_command.add_subparsers(dest="dlq_command", metavar="DLQ_COMMAND", required=True)
+    for name, run, help_text in (
+            ("list", dlq_list, "records, newest first  (python admin.py dlq list --key 103)"),
+            ("count", dlq_count, "how many records  (python admin.py dlq count --error json)"),
+            ("replay", dlq_replay, "republish to the main topic  (python admin.py dlq replay --key 103)")):
+        command = dlq_commands.add_parser(name, help=help_text)
+        command.add_argument("--key", help="only records whose original key is KEY")
+        command.add_argument("--error", metavar="TEXT",
+                             help="only records whose error or error class contains TEXT")
+        if name != "replay":
+            command.add_argument("--all", action="store_true", help="include records already replayed")
+        if name == "list":
+            command.add_argument("--limit", type=int, help="only the newest N")
+        command.set_defaults(run=run)
+    parser.set_defaults(run=list_topics, all=False)
+    return parser
+
+
+def main(argv):
+    arguments = build_parser().parse_args(argv)
+    config.KAFKA_LOG.disabled = True  # a failure is reported once, as one line
+    settings = config.resolve(arguments, "kafka", "consumer")
+    admin = AdminClient(config.kafka_config(settings))
+    try:
+        return settings.run(admin, settings) or 0
+    except KafkaException as error:
+        raise config.ConfigError(f"Kafka at {settings.bootstrap_servers}: "
+                                 f"{config.one_line(error)}") from None
+
+
+if __name__ == "__main__":
+    config.run_cli(main)

@@ -1,0 +1,116 @@
+"""The structure of docker-compose.yml and the Dockerfile; needs no Docker.
+
+No Docker engine runs where the suite runs, so these checks keep the file in step
+with the local stack and with config.py instead of starting it.
+"""
+
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import config  # noqa: E402  (needs the repository root on sys.path)
+
+SETTING_NAMES = {setting.env for setting in config.SETTINGS}
+
+
+@pytest.fixture(scope="module")
+def services():
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+
+
+def environment(service):
+    """A service's environment as a dict, written as a mapping or as a list."""
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {name: str(value) for name, value in env.items()}
+
+
+def test_services(services):
+    assert {"kafka", "kafka-setup", "db_source", "db_dst", "producer", "consumer"} <= set(services)
+    assert not [name for name in services if "zookeeper" in name.lower()]
+
+
+@pytest.mark.parametrize("service, port", [
+    ("db_source", "5432:5432"), ("db_dst", "5433:5432"), ("kafka", "29092:29092")])
+def test_published_ports(services, service, port):
+    assert port in [str(published) for published in services[service]["ports"]]
+
+
+def test_kafka_runs_kraft(services):
+    kafka = services["kafka"]
+    env = environment(kafka)
+    assert kafka["image"] == "apache/kafka:4.1.1"
+    assert "controller" in env["KAFKA_PROCESS_ROLES"].split(",")
+    assert "broker" in env["KAFKA_PROCESS_ROLES"].split(",")
+    assert not [name for name in env if "ZOOKEEPER" in name]
+    assert "PLAINTEXT://kafka:9092" in env["KAFKA_ADVERTISED_LISTENERS"]
+    assert "localhost:29092" in env["KAFKA_ADVERTISED_LISTENERS"]
+    assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+    assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "1"
+    assert "healthcheck" in kafka
+
+
+@pytest.mark.parametrize("service, init_sql", [
+    ("db_source", "scripts/source/init.sql"), ("db_dst", "scripts/destination/init.sql")])
+def test_databases(services, service, init_sql):
+    database = services[service]
+    assert database["image"] == "postgres:15"
+    env = environment(database)
+    assert (env["POSTGRES_USER"], env["POSTGRES_PASSWORD"], env["POSTGRES_DB"]) == (
+        "postgres", "postgres", "postgres")
+    mounts = [volume.split(":") for volume in database["volumes"]]
+    assert [f"./{init_sql}"] == [host for host, target, *_ in mounts
+                                 if target.startswith("/docker-entrypoint-initdb.d/")]
+    assert (ROOT / init_sql).is_file()
+    assert "pg_isready" in database["healthcheck"]["test"]
+
+
+def test_setup_creates_topics(services):
+    setup = services["kafka-setup"]
+    assert setup["depends_on"]["kafka"]["condition"] == "service_healthy"
+    command = setup["command"]
+    script = command[-1] if isinstance(command, list) else command
+    created = {}
+    for invocation in script.split("&&"):
+        args = shlex.split(invocation)
+        assert args[0] == "/opt/kafka/bin/kafka-topics.sh"
+        assert "--create" in args and "--if-not-exists" in args
+        assert args[args.index("--bootstrap-server") + 1] == "kafka:9092"
+        created[args[args.index("--topic") + 1]] = args[args.index("--partitions") + 1]
+    assert created == {"bf_employee_cdc": "3", "bf_employee_cdc_dlq": "1"}
+
+
+@pytest.mark.parametrize("service, database, expected", [
+    ("producer", "db_source", {"SOURCE_DB_HOST": "db_source", "SOURCE_DB_PORT": "5432"}),
+    ("consumer", "db_dst", {"DEST_DB_HOST": "db_dst", "DEST_DB_PORT": "5432"})])
+def test_daemons(services, service, database, expected):
+    daemon = services[service]
+    env = environment(daemon)
+    assert set(env) <= SETTING_NAMES, f"not settings of config.py: {set(env) - SETTING_NAMES}"
+    assert {**expected, "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092"}.items() <= env.items()
+    assert daemon["command"] == ["python", f"{service}.py"]
+    assert daemon["depends_on"] == {
+        database: {"condition": "service_healthy"},
+        "kafka-setup": {"condition": "service_completed_successfully"}}
+    assert daemon["build"] == "."
+    assert daemon["restart"] == "unless-stopped"
+
+
+def test_dockerfile_installs_requirements():
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    assert "FROM python:3.11-slim" in lines
+    assert any(line.startswith("COPY requirements.txt") for line in lines)
+    assert any(line.startswith("RUN pip install") and "-r requirements.txt" in line
+               for line in lines)
+
+
+def test_dockerignore_keeps_local_files_out():
+    ignored = set((ROOT / ".dockerignore").read_text().splitlines())
+    assert {".stack/", ".venv/", ".git/", ".env"} <= ignored
