@@ -14,7 +14,6 @@ is not a valid change, or that the destination refuses (value too long, constrai
 goes to the DLQ at once with the reason; the rest of its batch is applied.
 """
 
-import json
 import logging
 from collections import namedtuple
 
@@ -214,7 +213,7 @@ class CdcConsumer:
         if self.db is None:
             self.db = config.connect(self.settings, "dest", application_name="cdc-consumer")
         try:
-            applied = self.execute_apply([change for _, change in batch])
+            applied = self.execute_apply(batch)
             self.db.commit()
         except UNREACHABLE:
             raise
@@ -232,7 +231,7 @@ class CdcConsumer:
             with self.db.cursor() as cursor:
                 cursor.execute("SAVEPOINT one_change")
                 try:
-                    applied.update(self.execute_apply([change]))
+                    applied.update(self.execute_apply([(message, change)]))
                     good.append((message, change))
                 except UNREACHABLE:
                     raise
@@ -245,9 +244,11 @@ class CdcConsumer:
         self.log_applied(good, applied)
         return rejected
 
-    def execute_apply(self, changes):
+    def execute_apply(self, batch):
+        # The values were parsed and validated already; PostgreSQL reads them as they came.
+        changes = b"[" + b",".join(message.value() for message, _ in batch) + b"]"
         with self.db.cursor() as cursor:
-            cursor.execute(APPLY, {"changes": json.dumps([change.to_dict() for change in changes])})
+            cursor.execute(APPLY, {"changes": changes.decode("utf-8")})
             return dict(cursor.fetchall())
 
     def log_applied(self, batch, applied):

@@ -30,6 +30,11 @@ class InvalidChange(ValueError):
     """A change that cannot be applied; the message says which field and why."""
 
 
+def _reject_constant(name):
+    # Python reads NaN and Infinity, which JSON (and PostgreSQL) does not have.
+    raise InvalidChange(f"malformed JSON: {name} is not a JSON value")
+
+
 def _check_int(field, value, low, high, nullable):
     if value is None:
         if not nullable:
@@ -136,7 +141,7 @@ class Change:
     @classmethod
     def from_json(cls, text):
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_constant=_reject_constant)
         except json.JSONDecodeError as error:
             raise InvalidChange(f"malformed JSON: {error}") from None
         return cls.from_dict(data)

@@ -1,0 +1,227 @@
+"""The real stack for the tests.
+
+`scripts/stack.sh up` runs once per test run (a missing service is a failure, never a
+skip). The tests work in databases of their own, `cdc_test` on both servers, so they
+leave the `postgres` databases of a running demo alone; every test gets fresh topics,
+a fresh consumer group and emptied tables, and runs the daemons as subprocesses.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import closing
+from pathlib import Path
+
+import psycopg2
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TEST_DB = "cdc_test"
+KAFKA = "localhost:29092"
+PORTS = {"source": 5432, "dest": 5433}
+INIT_SQL = {"source": ROOT / "scripts/source/init.sql", "dest": ROOT / "scripts/destination/init.sql"}
+
+
+def connect(side, dbname=TEST_DB):
+    connection = psycopg2.connect(host="localhost", port=PORTS[side], user="postgres",
+                                  password="postgres", dbname=dbname, connect_timeout=5)
+    connection.autocommit = True
+    return connection
+
+
+def stack(*args):
+    return subprocess.run(["bash", str(ROOT / "scripts/stack.sh"), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def services():
+    """The stack, up, with the tests' own databases created afresh."""
+    result = stack("up")
+    if result.returncode != 0:
+        pytest.fail(f"scripts/stack.sh up failed:\n{result.stdout}{result.stderr}", pytrace=False)
+    for side in PORTS:
+        with closing(connect(side, "postgres")) as admin, admin.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS {TEST_DB} WITH (FORCE)")
+            cursor.execute(f"CREATE DATABASE {TEST_DB}")
+        query(side, INIT_SQL[side].read_text())
+
+
+def query(side, sql, params=None, dbname=TEST_DB):
+    """Runs one statement in the test database; returns its rows, if it has any."""
+    with closing(connect(side, dbname)) as db, db.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall() if cursor.description else None
+
+
+def employees(side):
+    return query(side, "SELECT emp_id, first_name, last_name, dob::text, city, salary "
+                       "FROM employees ORDER BY emp_id")
+
+
+def wait_until(condition, timeout, what, logs=()):
+    """Polls condition() until it is true; fails naming what did not happen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            tails = "".join(f"\n--- {daemon.name} (last lines) ---\n{daemon.tail()}" for daemon in logs)
+            pytest.fail(f"timed out after {timeout} s waiting for {what}{tails}", pytrace=False)
+        time.sleep(0.1)
+
+
+class Daemon:
+    """producer.py or consumer.py as a subprocess, logging to a file."""
+
+    def __init__(self, name, script, env, log_dir, args=()):
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log_file = open(self.log_path, "ab")
+        self.process = subprocess.Popen([sys.executable, str(ROOT / script), *args], env=env,
+                                        cwd=log_dir, stdout=self._log_file, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self):
+        return self.process.pid
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def tail(self, lines=25):
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def wait_for_log(self, text, timeout=30, count=1):
+        wait_until(lambda: self.log().count(text) >= count, timeout,
+                   f"{self.name} to log {text!r}", [self])
+
+    def running(self):
+        return self.process.poll() is None
+
+    def stop(self, timeout=30):
+        """SIGTERM, and the exit status."""
+        if self.running():
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self._log_file.close()
+
+    def kill(self):
+        self.process.kill()
+        self.process.wait()
+        self._log_file.close()
+
+
+class Pipeline:
+    """One test's topics, consumer group, emptied tables and daemons."""
+
+    def __init__(self, name, log_dir):
+        suffix = uuid.uuid4().hex[:8]
+        self.topic = f"test_{name}_{suffix}"[:200]
+        self.dlq_topic = f"{self.topic}_dlq"
+        self.group = f"{self.topic}_group"
+        self.log_dir = log_dir
+        self.daemons = []
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1",
+                    "SOURCE_DB_NAME": TEST_DB, "DEST_DB_NAME": TEST_DB,
+                    "KAFKA_BOOTSTRAP_SERVERS": KAFKA, "KAFKA_TOPIC": self.topic,
+                    "KAFKA_DLQ_TOPIC": self.dlq_topic, "KAFKA_GROUP_ID": self.group,
+                    "RETRY_BACKOFF": "0.2"}
+        self.admin = AdminClient({"bootstrap.servers": KAFKA})
+        for future in self.admin.create_topics([NewTopic(self.topic, 3, 1),
+                                                NewTopic(self.dlq_topic, 1, 1)]).values():
+            future.result()
+        self.reset_tables()
+
+    @staticmethod
+    def reset_tables():
+        # replica: the truncate is not captured as a change.
+        query("source", "SET session_replication_role = replica; "
+                        "TRUNCATE employees, emp_cdc RESTART IDENTITY; "
+                        "UPDATE cdc_offset SET last_action_id = 0, snapshot = '1:1:', "
+                        "batch_snapshot = NULL, batch_action_id = 0")
+        query("dest", "TRUNCATE employees, cdc_applied")
+
+    def start(self, script, name=None, args=(), **env):
+        daemon = Daemon(name or Path(script).stem, script, {**self.env, **env}, self.log_dir, args)
+        self.daemons.append(daemon)
+        return daemon
+
+    def producer(self, name="producer", **env):
+        daemon = self.start("producer.py", name, **env)
+        daemon.wait_for_log("Loaded offset")
+        return daemon
+
+    def consumer(self, name="consumer", **env):
+        daemon = self.start("consumer.py", name, **env)
+        daemon.wait_for_log("Assigned partitions")
+        return daemon
+
+    def wait_for_equal(self, timeout=60):
+        """Waits until the destination's employees equal the source's, row for row."""
+        source = employees("source")
+        wait_until(lambda: employees("dest") == source, timeout,
+                   f"the destination to equal the source ({len(source)} rows)", self.daemons)
+        return source
+
+    def messages(self, topic=None):
+        """Every message in a topic, as dicts with key, value, partition, offset, headers."""
+        return read_topic(topic or self.topic)
+
+    def produce(self, key, value, topic=None, headers=None):
+        producer = Producer({"bootstrap.servers": KAFKA})
+        producer.produce(topic or self.topic, key=key, value=value, headers=headers)
+        assert producer.flush(10) == 0
+
+    def close(self):
+        for daemon in self.daemons:
+            if daemon.running():
+                daemon.kill()
+        for future in self.admin.delete_topics([self.topic, self.dlq_topic]).values():
+            future.result()
+
+
+def read_topic(topic):
+    reader = Consumer({"bootstrap.servers": KAFKA, "group.id": f"reader-{uuid.uuid4().hex}",
+                       "enable.auto.commit": False})
+    messages = []
+    try:
+        metadata = reader.list_topics(topic, timeout=10).topics[topic]
+        for partition in sorted(metadata.partitions):
+            low, high = reader.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+            if high <= low:
+                continue
+            reader.assign([TopicPartition(topic, partition, low)])
+            while True:
+                message = reader.poll(10)
+                assert message is not None and not message.error(), f"reading {topic} [{partition}]"
+                messages.append({"key": message.key(), "value": message.value(),
+                                 "partition": partition, "offset": message.offset(),
+                                 "headers": dict(message.headers() or [])})
+                if message.offset() >= high - 1:
+                    break
+    finally:
+        reader.close()
+    return messages
+
+
+def published_action_ids(pipeline):
+    return [json.loads(message["value"])["action_id"] for message in pipeline.messages()]
+
+
+@pytest.fixture
+def pipeline(services, request, tmp_path):
+    pipeline = Pipeline(re.sub(r"[^A-Za-z0-9_]", "_", request.node.name), tmp_path)
+    yield pipeline
+    pipeline.close()
