@@ -191,7 +191,7 @@ def _read_partition(reader, topic, partition):
 def selected_entries(settings):
     entries, replayed = read_dlq(settings)
     return [entry for entry in entries if entry.matches(settings)
-            and (getattr(settings, "all", False) or (entry.partition, entry.offset) not in replayed)], replayed
+            and (settings.all or (entry.partition, entry.offset) not in replayed)], replayed
 
 
 def dlq_list(admin, settings):
@@ -252,55 +252,57 @@ def dlq_replay(admin, settings):
 
 # --- command line -------------------------------------------------------------------
 
+def add_command(commands, name, run, help_text):
+    """A subcommand whose help, in the list and on its own page, carries an example."""
+    command = commands.add_parser(name, help=help_text, description=help_text)
+    command.set_defaults(run=run)
+    return command
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_settings(parser, "kafka", "consumer")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    command = commands.add_parser("list", help="list the topics  (python admin.py list --all)")
+    command = add_command(commands, "list", list_topics, "list the topics  (python admin.py list --all)")
     command.add_argument("--all", action="store_true", help="include Kafka's internal topics")
-    command.set_defaults(run=list_topics)
 
-    command = commands.add_parser("create", help="create topics  (python admin.py create)")
+    command = add_command(commands, "create", create_topics, "create topics  (python admin.py create)")
     command.add_argument("topics", nargs="*", metavar="TOPIC",
                          help="topics to create (default: the main topic and the DLQ)")
     command.add_argument("--partitions", type=int,
                          help="partitions (default: 3 for the main topic, 1 otherwise)")
     command.add_argument("--replication-factor", type=int, default=1, help="replicas (default: 1)")
-    command.set_defaults(run=create_topics)
 
-    command = commands.add_parser("describe", help="partitions and offsets  "
-                                  "(python admin.py describe bf_employee_cdc)")
+    command = add_command(commands, "describe", describe_topics,
+                          "partitions and offsets  (python admin.py describe bf_employee_cdc)")
     command.add_argument("topics", nargs="*", metavar="TOPIC",
                          help="topics (default: the main topic and the DLQ)")
-    command.set_defaults(run=describe_topics)
 
-    command = commands.add_parser("delete", help="delete topics  (python admin.py delete old --yes)")
+    command = add_command(commands, "delete", delete_topics,
+                          "delete topics  (python admin.py delete old_topic --yes)")
     command.add_argument("topics", nargs="+", metavar="TOPIC")
     command.add_argument("--yes", action="store_true", help="confirm: the messages are lost")
-    command.set_defaults(run=delete_topics)
 
-    command = commands.add_parser("group", help="consumer group members, offsets, lag  "
-                                  "(python admin.py group bf_group)")
+    command = add_command(commands, "group", describe_group,
+                          "consumer group members, offsets, lag  (python admin.py group bf_group)")
     command.add_argument("group", nargs="?", help="group (default: KAFKA_GROUP_ID)")
-    command.set_defaults(run=describe_group)
 
-    dlq_command = commands.add_parser("dlq", help="inspect and replay the DLQ  (python admin.py dlq list)")
+    dlq_command = commands.add_parser("dlq", help="inspect and replay the DLQ  (python admin.py dlq list)",
+                                      description="inspect and replay the DLQ  (python admin.py dlq list)")
     dlq_commands = dlq_command.add_subparsers(dest="dlq_command", metavar="DLQ_COMMAND", required=True)
     for name, run, help_text in (
             ("list", dlq_list, "records, newest first  (python admin.py dlq list --key 103)"),
             ("count", dlq_count, "how many records  (python admin.py dlq count --error json)"),
             ("replay", dlq_replay, "republish to the main topic  (python admin.py dlq replay --key 103)")):
-        command = dlq_commands.add_parser(name, help=help_text)
+        command = add_command(dlq_commands, name, run, help_text)
         command.add_argument("--key", help="only records whose original key is KEY")
         command.add_argument("--error", metavar="TEXT",
                              help="only records whose error or error class contains TEXT")
-        if name != "replay":
-            command.add_argument("--all", action="store_true", help="include records already replayed")
+        command.add_argument("--all", action="store_true", help="include records already replayed")
         if name == "list":
             command.add_argument("--limit", type=int, help="only the newest N")
-        command.set_defaults(run=run)
     parser.set_defaults(run=list_topics, all=False)
     return parser
 

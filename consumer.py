@@ -63,9 +63,9 @@ upserted AS (
 SELECT emp_id, last_action_id FROM newest
 """
 
-# The destination is out of reach: worth retrying. Any other database error is about
-# the data and would fail again.
-UNREACHABLE = (psycopg2.OperationalError, psycopg2.InterfaceError)
+# The destination is out of reach, or not ready for us (schema missing, no privilege):
+# worth retrying. Any other database error is about the data and would fail again.
+UNREACHABLE = (psycopg2.OperationalError, psycopg2.InterfaceError, psycopg2.ProgrammingError)
 
 Rejected = namedtuple("Rejected", "message error error_class attempts")
 
@@ -130,6 +130,9 @@ class CdcConsumer:
                 failures = 0
             except BatchAbandoned:
                 log.info("Batch abandoned; it will be consumed again on the next start.")
+            except config.ConfigError:
+                self.kafka.close()
+                raise
             except Exception:
                 failures += 1
                 log.exception("Unexpected error; the batch will be consumed again")
@@ -199,8 +202,9 @@ class CdcConsumer:
             except UNREACHABLE as error:
                 last_error = error
                 self.disconnect()
-                log.error("Error processing %d messages (attempt %d/%d): %s",
-                          len(batch), attempt, attempts, config.one_line(error))
+                log.error("Error processing %s (attempt %d/%d): %s",
+                          "message" if len(batch) == 1 else f"{len(batch)} messages",
+                          attempt, attempts, config.one_line(error))
                 if attempt < attempts and self.stop.sleep(self.settings.retry_backoff * 2 ** (attempt - 1)):
                     raise BatchAbandoned() from None
         log.error("Max retries exceeded. Sending to DLQ.")
@@ -211,7 +215,7 @@ class CdcConsumer:
         if not batch:
             return []
         if self.db is None:
-            self.db = config.connect(self.settings, "dest", application_name="cdc-consumer")
+            self.connect()
         try:
             applied = self.execute_apply(batch)
             self.db.commit()
@@ -283,11 +287,18 @@ class CdcConsumer:
                         where(item.message), item.error)
 
     def store_offsets(self, messages):
+        # A rebalance while the batch was gathered may have taken a partition away; its
+        # new owner applies those messages again, which the apply makes harmless.
+        assigned = self.assigned()
         next_offsets = {}
         for message in messages:
             next_offsets[(message.topic(), message.partition())] = message.offset() + 1
         self.kafka.store_offsets(offsets=[TopicPartition(topic, partition, offset)
-                                          for (topic, partition), offset in next_offsets.items()])
+                                          for (topic, partition), offset in next_offsets.items()
+                                          if (topic, partition) in assigned])
+
+    def assigned(self):
+        return {(tp.topic, tp.partition) for tp in self.kafka.assignment()}
 
     def rewind(self, messages):
         """Seeks back to the start of a batch that was not acknowledged, so that
@@ -295,8 +306,20 @@ class CdcConsumer:
         first_offsets = {}
         for message in messages:
             first_offsets.setdefault((message.topic(), message.partition()), message.offset())
+        assigned = self.assigned()
         for (topic, partition), offset in first_offsets.items():
-            self.kafka.seek(TopicPartition(topic, partition, offset))
+            if (topic, partition) in assigned:
+                self.kafka.seek(TopicPartition(topic, partition, offset))
+
+    def connect(self):
+        self.db = config.connect(self.settings, "dest", application_name="cdc-consumer")
+        with self.db.cursor() as cursor:
+            cursor.execute("SELECT to_regclass('employees'), to_regclass('cdc_applied')")
+            if None in cursor.fetchone():
+                raise config.ConfigError(
+                    f"destination database {config.database_name(self.settings, 'dest')} has no "
+                    "employees or cdc_applied table (apply scripts/destination/init.sql)")
+        self.db.commit()
 
     def disconnect(self):
         if self.db is not None:

@@ -179,10 +179,17 @@ class Pipeline:
         """Every message in a topic, as dicts with key, value, partition, offset, headers."""
         return read_topic(topic or self.topic)
 
-    def produce(self, key, value, topic=None, headers=None):
+    def produce(self, key, value, topic=None):
+        """Produces one message as it is, straight to the topic; returns its
+        (partition, offset)."""
+        delivered = []
         producer = Producer({"bootstrap.servers": KAFKA})
-        producer.produce(topic or self.topic, key=key, value=value, headers=headers)
+        producer.produce(topic or self.topic, key=key, value=value,
+                         on_delivery=lambda error, message: delivered.append((error, message)))
         assert producer.flush(10) == 0
+        [(error, message)] = delivered
+        assert error is None, error
+        return message.partition(), message.offset()
 
     def close(self):
         for daemon in self.daemons:
@@ -214,6 +221,11 @@ def read_topic(topic):
     finally:
         reader.close()
     return messages
+
+
+def processed(consumer):
+    """How many messages a consumer has processed, from its log."""
+    return sum(map(int, re.findall(r"Successfully processed (\d+) messages", consumer.log())))
 
 
 def published_action_ids(pipeline):

@@ -11,7 +11,7 @@ import re
 import time
 from collections import defaultdict
 
-from conftest import employees, published_action_ids, query, stack, wait_until
+from conftest import employees, processed, published_action_ids, query, stack, wait_until
 from workload import Writers
 
 SEED = int(os.environ.get("TEST_SEED", "20261125"))
@@ -38,10 +38,6 @@ def assert_per_key_order(pipeline):
         action_id = int(re.search(rb'"action_id": (\d+)', message["value"])[1])
         assert action_id > seen[message["key"]], f"emp_id {message['key']} out of order"
         seen[message["key"]] = action_id
-
-
-def processed(daemon):
-    return sum(map(int, re.findall(r"Successfully processed (\d+) messages", daemon.log())))
 
 
 def checksum(side):
