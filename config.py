@@ -69,8 +69,8 @@ SETTINGS = [
     Setting("retry_backoff", "RETRY_BACKOFF", 2.0,
             "seconds before the first retry; each further retry waits twice as long",
             "daemon", float, 0),
-    Setting("log_level", "LOG_LEVEL", "INFO", "DEBUG shows every record, INFO the first "
-            f"few of each batch", "daemon"),
+    Setting("log_level", "LOG_LEVEL", "INFO",
+            "INFO gives a line to the first 10 records of a batch, DEBUG to every one", "daemon"),
 ]
 
 
@@ -232,7 +232,7 @@ class _RepeatFilter(logging.Filter):
 KAFKA_LOG = logging.getLogger("kafka")
 KAFKA_LOG.addFilter(_RepeatFilter())
 
-RECORD_LINES = 10  # per batch, the first records are logged at INFO, the rest at DEBUG
+RECORD_LINES = 10  # records of a batch that get a line each at INFO; DEBUG shows them all
 
 
 def setup_logging(level_name):
@@ -242,9 +242,9 @@ def setup_logging(level_name):
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
 
 
-def record_level(index):
-    """The log level for the index-th record of a batch."""
-    return logging.INFO if index < RECORD_LINES else logging.DEBUG
+def logged(logger, records):
+    """The records of a batch that get a line each: the first few, or all at DEBUG."""
+    return records if logger.isEnabledFor(logging.DEBUG) else records[:RECORD_LINES]
 
 
 def one_line(error):

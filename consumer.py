@@ -178,18 +178,16 @@ class CdcConsumer:
 
     def decode(self, messages):
         batch, rejected = [], []
-        for index, message in enumerate(messages):
+        for message in messages:
             try:
-                change = parse_change(message)
+                batch.append((message, parse_change(message)))
             except InvalidChange as error:
                 log.warning("Invalid message in %s: %s", where(message), error)
                 rejected.append(Rejected(message, str(error), "InvalidChange", 1))
-                continue
-            level = config.record_level(index)
-            log.log(level, "Consuming: %s", change)
-            log.log(level, "Message details: topic=%s, partition=%d, offset=%d",
-                    message.topic(), message.partition(), message.offset())
-            batch.append((message, change))
+        for message, change in config.logged(log, batch):
+            log.info("Consuming: %s", change)
+            log.info("Message details: topic=%s, partition=%d, offset=%d",
+                     message.topic(), message.partition(), message.offset())
         return batch, rejected
 
     def apply_with_retries(self, batch):
@@ -256,15 +254,13 @@ class CdcConsumer:
             return dict(cursor.fetchall())
 
     def log_applied(self, batch, applied):
-        for index, (_, change) in enumerate(batch):
-            level = config.record_level(index)
+        for _, change in config.logged(log, batch):
             if applied.get(change.emp_id) == change.action_id:
-                log.log(level, "%s operation completed for emp_id=%d", change.action, change.emp_id)
+                log.info("%s operation completed for emp_id=%d", change.action, change.emp_id)
             else:
-                log.log(level, "Skipped %s: a newer or equal change of emp_id=%d is already applied",
-                        change, change.emp_id)
-            log.log(level, "Successfully processed message: emp_id=%d, action=%s",
-                    change.emp_id, change.action)
+                log.info("Skipped %s: a newer or equal change of emp_id=%d is already applied",
+                         change, change.emp_id)
+            log.info("Successfully processed message: emp_id=%d, action=%s", change.emp_id, change.action)
 
     def send_to_dlq(self, rejected):
         """Parks the rejected messages in the DLQ, retrying until Kafka has them all."""

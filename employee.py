@@ -23,7 +23,6 @@ BIGINT_MAX = 2**63 - 1
 _DATE = re.compile(r"(\d{4,})-(\d{2})-(\d{2})( BC)?")
 
 
-_ENCODER = json.JSONEncoder(ensure_ascii=False)
 
 
 class InvalidChange(ValueError):
@@ -33,6 +32,11 @@ class InvalidChange(ValueError):
 def _reject_constant(name):
     # Python reads NaN and Infinity, which JSON (and PostgreSQL) does not have.
     raise InvalidChange(f"malformed JSON: {name} is not a JSON value")
+
+
+# Made once: json.dumps and json.loads with options build a new one on every call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False)
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 def _check_int(field, value, low, high, nullable):
@@ -135,13 +139,14 @@ class Change:
         missing = [name for name in CHANGE_FIELDS if name not in data]
         if missing:
             raise InvalidChange(f"{', '.join(missing)}: missing")
-        employee = Employee(**{name: data[name] for name in EMPLOYEE_FIELDS})
+        employee = Employee(data["emp_id"], data["first_name"], data["last_name"], data["dob"],
+                            data["city"], data["salary"])
         return cls(data["action_id"], data["action"], employee)
 
     @classmethod
     def from_json(cls, text):
         try:
-            data = json.loads(text, parse_constant=_reject_constant)
+            data = _DECODER.decode(text)
         except json.JSONDecodeError as error:
             raise InvalidChange(f"malformed JSON: {error}") from None
         return cls.from_dict(data)

@@ -209,10 +209,10 @@ class CdcProducer:
         for _, value, _ in parked:
             log.warning("Message sent to DLQ: %s (%s)", settings.dlq_topic, json.loads(value)["error"])
         refused_values = {value for _, _, value in refused}
-        published = (change for change, (_, value, _) in zip(changes, messages)
-                     if value not in refused_values)
-        for index, change in enumerate(published):
-            log.log(config.record_level(index), "Published CDC record: %s", change)
+        published = [change for change, (_, value, _) in zip(changes, messages)
+                     if value not in refused_values]
+        for change in config.logged(log, published):
+            log.info("Published CDC record: %s", change)
 
     def dlq_message(self, row, error):
         """A DLQ message for an emp_cdc row that is not a valid change."""
