@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Sets everything up (scripts/setup.sh), starts producer.py and consumer.py in the
+# background, and shows a row inserted with psql arriving in the destination.
+#
+#   scripts/run.sh          set up, start the daemons, demonstrate
+#   scripts/run.sh stop     stop the daemons (scripts/stack.sh down stops the stack)
+#
+# Daemon logs: .stack/logs/producer.log and .stack/logs/consumer.log
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LOGS="$ROOT/.stack/logs"
+export PGPASSWORD=postgres
+cd "$ROOT"  # the daemons read .env from their working directory
+
+daemon_pid() {
+    local pid
+    pid=$(cat "$LOGS/$1.pid" 2>/dev/null) || return 1
+    grep -qa "$1.py" "/proc/$pid/cmdline" 2>/dev/null && echo "$pid"
+}
+
+start_daemon() {  # start_daemon producer|consumer TEXT-THAT-SAYS-IT-IS-READY
+    if daemon_pid "$1" >/dev/null; then
+        echo "$1.py is already running (pid $(daemon_pid "$1"))"
+        return
+    fi
+    : >"$LOGS/$1.log"
+    # setsid: the daemon outlives this script and ignores the Ctrl+C of its terminal.
+    setsid .venv/bin/python "$1.py" >>"$LOGS/$1.log" 2>&1 </dev/null &
+    echo $! >"$LOGS/$1.pid"
+    local deadline=$((SECONDS + 30))
+    until grep -q "$2" "$LOGS/$1.log"; do
+        if [ $SECONDS -ge $deadline ] || ! daemon_pid "$1" >/dev/null; then
+            tail -n 20 "$LOGS/$1.log" >&2
+            echo "Error: $1.py did not start, see $LOGS/$1.log" >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+    echo "Started $1.py (pid $(daemon_pid "$1")), logging to .stack/logs/$1.log"
+}
+
+stop_daemons() {
+    local name pid
+    for name in producer consumer; do
+        pid=$(daemon_pid "$name") || continue
+        kill -TERM "$pid"
+        while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+        echo "Stopped $name.py"
+    done
+}
+
+psql_at() {  # psql_at PORT SQL
+    psql -h localhost -p "$1" -U postgres -d postgres -v ON_ERROR_STOP=1 -qAt -c "$2"
+}
+
+demonstrate() {
+    local emp_id=$((900000 + RANDOM)) started elapsed
+    echo
+    echo "Demonstration: INSERT INTO employees ... VALUES ($emp_id, 'Demo', 'User', '1990-01-01', 'New York', 75000) on the source (5432)"
+    psql_at 5432 "DELETE FROM employees WHERE emp_id = $emp_id"
+    started=$(date +%s%N)
+    psql_at 5432 "INSERT INTO employees (emp_id, first_name, last_name, dob, city, salary)
+                  VALUES ($emp_id, 'Demo', 'User', '1990-01-01', 'New York', 75000)"
+    until [ -n "$(psql_at 5433 "SELECT 1 FROM employees WHERE emp_id = $emp_id")" ]; do
+        if [ $(( ($(date +%s%N) - started) / 1000000 )) -gt 10000 ]; then
+            echo "Error: the row did not reach the destination within 10 s; see $LOGS" >&2
+            exit 1
+        fi
+    done
+    elapsed=$(( ($(date +%s%N) - started) / 1000000 ))
+    echo "The destination (5433) has it after ${elapsed} ms:"
+    psql -h localhost -p 5433 -U postgres -d postgres -c "SELECT * FROM employees WHERE emp_id = $emp_id"
+    psql_at 5432 "DELETE FROM employees WHERE emp_id = $emp_id"
+    echo "Deleted it again on the source; the destination follows."
+}
+
+case ${1:-start} in
+    start)
+        bash "$ROOT/scripts/setup.sh"
+        mkdir -p "$LOGS"
+        start_daemon producer "Loaded offset"
+        start_daemon consumer "Assigned partitions"
+        demonstrate
+        echo
+        echo "The pipeline is running. Watch it:  tail -f .stack/logs/producer.log .stack/logs/consumer.log"
+        echo "Check it:  .venv/bin/python test_pipeline.py     Stop it:  bash scripts/run.sh stop"
+        ;;
+    stop) stop_daemons ;;
+    -h|--help|help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' ;;
+    *) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+esac
