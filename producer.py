@@ -16,6 +16,7 @@ One producer publishes from a source at a time: a second one waits on an advisor
 and takes over when the first stops.
 """
 
+import itertools
 import json
 import logging
 import select
@@ -33,7 +34,7 @@ log = logging.getLogger("producer")
 PRODUCER_LOCK = 0x62665F636463  # advisory lock key held by the active producer ("bf_cdc")
 
 LOAD_BATCH = """
-SELECT last_action_id, snapshot::text,
+SELECT snapshot::text,
        COALESCE(batch_snapshot, pg_current_snapshot())::text,
        batch_action_id, batch_snapshot IS NOT NULL
 FROM cdc_offset WHERE id = 1
@@ -130,18 +131,8 @@ class CdcProducer:
         self.db = config.connect(self.settings, "source", application_name="cdc-producer")
         self.db.autocommit = True
         with self.db.cursor() as cursor:
-            waiting = False
-            cursor.execute("SELECT pg_try_advisory_lock(%s)", (PRODUCER_LOCK,))
-            while not cursor.fetchone()[0]:
-                if not waiting:
-                    log.info("Another producer is publishing from %s; waiting for it to stop...",
-                             config.database_name(self.settings, "source"))
-                    waiting = True
-                if self.stop.sleep(1):
-                    return
-                cursor.execute("SELECT pg_try_advisory_lock(%s)", (PRODUCER_LOCK,))
-            if waiting:
-                log.info("The other producer stopped; taking over.")
+            if not self.wait_for_lock(cursor):
+                return
             try:
                 cursor.execute("LISTEN emp_cdc")
                 cursor.execute("SELECT last_action_id FROM cdc_offset WHERE id = 1")
@@ -152,6 +143,23 @@ class CdcProducer:
         # Planned for the whole result, not the first rows: a batch is read to its end.
         self.reader = config.connect(self.settings, "source", application_name="cdc-producer-reader",
                                      options="-c DateStyle=ISO -c cursor_tuple_fraction=1")
+
+    def wait_for_lock(self, cursor):
+        """Takes the producer lock, waiting while another producer holds it; returns
+        False if a stop came first. PostgreSQL frees the lock when its holder's
+        connection ends, however the holder died."""
+        for attempt in itertools.count():
+            cursor.execute("SELECT pg_try_advisory_lock(%s)", (PRODUCER_LOCK,))
+            if cursor.fetchone()[0]:
+                break
+            if attempt == 0:
+                log.info("Another producer is publishing from %s; waiting for it to stop...",
+                         config.database_name(self.settings, "source"))
+            if self.stop.sleep(1):
+                return False
+        if attempt:
+            log.info("The other producer stopped; taking over.")
+        return True
 
     def disconnect(self):
         for connection in (self.reader, self.db):
@@ -164,7 +172,7 @@ class CdcProducer:
         A stop leaves the batch open, to be finished by the next run."""
         with self.db.cursor() as cursor:
             cursor.execute(LOAD_BATCH)
-            _, since, until, after, batch_open = cursor.fetchone()
+            since, until, after, batch_open = cursor.fetchone()
         published = 0
         with self.reader, self.reader.cursor("emp_cdc_batch") as batch:
             batch.execute(FETCH_BATCH, {"since": since, "until": until, "after": after})
@@ -194,24 +202,25 @@ class CdcProducer:
                 changes.append(Change.from_row(row))
             except InvalidChange as error:
                 parked.append(self.dlq_message(row, error))
-        messages = [(change.key, change.to_json(), None) for change in changes]
-        refused = config.deliver(self.kafka, settings.topic, messages, self.stop)
+        by_value = {change.to_json(): change for change in changes}
+        refused = config.deliver(self.kafka, settings.topic,
+                                 [(change.key, value, None) for value, change in by_value.items()],
+                                 self.stop)
         retriable = [error for error, _, _ in refused if error.code() not in REFUSED_FOR_GOOD]
         if retriable:
             raise PublishError(f"Kafka did not acknowledge {len(retriable)} of {len(changes)} "
                                f"changes: {retriable[0].str()}")
+        # What stays in by_value is what Kafka took.
         parked += [dlq.message(topic=settings.topic, key=key, value=value, error=error.str(),
-                               stage="producer", error_class=error.name(), attempts=1)
+                               stage="producer", error_class=error.name(), attempts=1,
+                               action_id=by_value.pop(value).action_id)
                    for error, key, value in refused]
         if parked and config.deliver(self.kafka, settings.dlq_topic, parked, self.stop):
             raise PublishError(f"{len(parked)} changes reached neither {settings.topic} "
                                f"nor {settings.dlq_topic}")
         for _, value, _ in parked:
             log.warning("Message sent to DLQ: %s (%s)", settings.dlq_topic, json.loads(value)["error"])
-        refused_values = {value for _, _, value in refused}
-        published = [change for change, (_, value, _) in zip(changes, messages)
-                     if value not in refused_values]
-        for change in config.logged(log, published):
+        for change in config.logged(log, list(by_value.values())):
             log.info("Published CDC record: %s", change)
 
     def dlq_message(self, row, error):

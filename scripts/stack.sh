@@ -60,7 +60,8 @@ service_port() { case $1 in source) echo 5432;; dest) echo 5433;; kafka) echo $K
 pg_init_sql() { case $1 in source) echo "$ROOT/scripts/source/init.sql";; dest) echo "$ROOT/scripts/destination/init.sql";; esac; }
 
 as_pg() {
-    if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+    # From /: user postgres may not be allowed into the working directory.
+    if [ "$(id -u)" = 0 ]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
 }
 
 pg_data_root() {
@@ -79,10 +80,12 @@ pg_data_root() {
         fi
         chown postgres: "$root/"
     fi
-    echo "$root"
+    readlink -f "$root"
 }
 
-pg_running() { as_pg "$(pg_bindir)/pg_ctl" -D "$STACK/pg/$1" status >/dev/null 2>&1; }
+pg_data() { echo "$(readlink -f "$STACK/pg")/$1"; }
+
+pg_running() { as_pg "$(pg_bindir)/pg_ctl" -D "$(pg_data "$1")" status >/dev/null 2>&1; }
 
 pg_up() {
     local name=$1 port data bin root fresh=
@@ -121,7 +124,7 @@ EOF
 
 pg_down() {
     pg_running "$1" || return 0
-    as_pg "$(pg_bindir)/pg_ctl" -D "$STACK/pg/$1" -m fast -w stop >/dev/null
+    as_pg "$(pg_bindir)/pg_ctl" -D "$(pg_data "$1")" -m fast -w stop >/dev/null
     say "$1 PostgreSQL stopped"
 }
 

@@ -214,7 +214,7 @@ def test_producer_parks_a_change_kafka_refuses_for_good(pipeline):
     [record] = wait_until(lambda: dlq_records(pipeline), 30, "the large change in the DLQ", [producer])
     assert record["headers"]["dlq.stage"] == "producer"
     assert record["headers"]["dlq.error_class"] == "MSG_SIZE_TOO_LARGE"
-    assert json.loads(record["original_value"])["action_id"] == 1
+    assert json.loads(record["original_value"])["action_id"] == record["action_id"] == 1
     query("source", "INSERT INTO employees VALUES (2, 'Small', 'One', NULL, NULL, 2)")
     wait_until(lambda: query("dest", "SELECT emp_id FROM employees") == [(2,)], 30,
                "the change after it", pipeline.daemons)
