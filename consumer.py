@@ -105,7 +105,10 @@ class CdcConsumer:
                  "auto.offset.reset": "earliest",
                  # Offsets are stored by hand once a batch is applied, and committed
                  # in the background and on close: at-least-once.
-                 "enable.auto.commit": True, "enable.auto.offset.store": False}
+                 "enable.auto.commit": True, "enable.auto.offset.store": False,
+                 # Prefetch a few batches, not librdkafka's 64 MB per partition: the
+                 # destination is the slower side, and memory stays small.
+                 "queued.max.messages.kbytes": 8192}
         if settings.instance_id:
             group["group.instance.id"] = settings.instance_id
         self.kafka = Consumer(config.kafka_config(settings, **group))

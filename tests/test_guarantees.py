@@ -181,8 +181,9 @@ def test_a_million_changes_in_one_transaction(pipeline):
     wait_until(lambda: checksum("dest") == checksum("source"), 300,
                "a million changes to reach the destination", pipeline.daemons)
     # Streamed, not loaded whole: a million changes are over 150 MB of JSON.
-    assert peak_rss_mb(producer) < 200
-    assert peak_rss_mb(consumer) < 200
+    peaks = peak_rss_mb(producer), peak_rss_mb(consumer)
+    print("peak resident memory: producer %.0f MB, consumer %.0f MB" % peaks)
+    assert max(peaks) < 200
 
 
 def test_three_consumers_share_the_partitions_and_survive_a_kill(pipeline):
