@@ -134,9 +134,9 @@ def _parse_kafka_config(text):
     return extra
 
 
-def parse_args(description, argv, *groups, epilog=None):
+def parse_args(description, argv, *groups):
     """For the daemons: a parser with the groups' flags, parsed and resolved."""
-    parser = argparse.ArgumentParser(description=description, epilog=epilog,
+    parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_settings(parser, *groups)
     return resolve(parser.parse_args(argv), *groups)
@@ -245,6 +245,12 @@ def setup_logging(level_name):
 def logged(logger, records):
     """The records of a batch that get a line each: the first few, or all at DEBUG."""
     return records if logger.isEnabledFor(logging.DEBUG) else records[:RECORD_LINES]
+
+
+def backoff_delay(settings, attempt):
+    """Seconds to wait before retry number `attempt` (1, 2, ...): RETRY_BACKOFF,
+    doubling with each retry (2 s, 4 s, 8 s by default), never over a minute."""
+    return min(settings.retry_backoff * 2 ** (attempt - 1), 60)
 
 
 def one_line(error):

@@ -106,7 +106,7 @@ class CdcConsumer:
                  # Offsets are stored by hand once a batch is applied, and committed
                  # in the background and on close: at-least-once.
                  "enable.auto.commit": True, "enable.auto.offset.store": False,
-                 # Prefetch a few batches, not librdkafka's 64 MB per partition: the
+                 # Prefetch a few batches, not librdkafka's default 64 MB: the
                  # destination is the slower side, and memory stays small.
                  "queued.max.messages.kbytes": 8192}
         if settings.instance_id:
@@ -139,7 +139,7 @@ class CdcConsumer:
             except Exception:
                 failures += 1
                 log.exception("Unexpected error; the batch will be consumed again")
-                self.stop.sleep(min(settings.retry_backoff * 2 ** (failures - 1), 30))
+                self.stop.sleep(config.backoff_delay(settings, failures))
         self.kafka.close()  # commits the offsets stored so far and leaves the group
         self.disconnect()
         log.info("CDC Consumer stopped.")
@@ -151,10 +151,10 @@ class CdcConsumer:
         log.info("Revoked partitions: %s", sorted(p.partition for p in partitions))
 
     def work(self):
-        """Consumes, applies and acknowledges one batch; returns whether there was one."""
+        """Consumes, applies and acknowledges one batch, if one comes within a second."""
         messages = self.poll_batch()
         if not messages:
-            return False
+            return
         try:
             batch, rejected = self.decode(messages)
             rejected += self.apply_with_retries(batch)
@@ -164,7 +164,6 @@ class CdcConsumer:
             raise
         self.store_offsets(messages)
         log.info("Successfully processed %d messages (%d sent to DLQ).", len(messages), len(rejected))
-        return True
 
     def poll_batch(self):
         first = self.kafka.poll(1.0)
@@ -206,7 +205,7 @@ class CdcConsumer:
                 log.error("Error processing %s (attempt %d/%d): %s",
                           "message" if len(batch) == 1 else f"{len(batch)} messages",
                           attempt, attempts, config.one_line(error))
-                if attempt < attempts and self.stop.sleep(self.settings.retry_backoff * 2 ** (attempt - 1)):
+                if attempt < attempts and self.stop.sleep(config.backoff_delay(self.settings, attempt)):
                     raise BatchAbandoned() from None
         log.error("Max retries exceeded. Sending to DLQ.")
         return [Rejected(message, config.one_line(last_error), type(last_error).__name__, attempts)
@@ -279,7 +278,7 @@ class CdcConsumer:
             failures += 1
             log.error("The DLQ %s did not take %d messages (%s); their offsets stay until it does",
                       self.settings.dlq_topic, len(refused), refused[0][0].str())
-            if self.stop.sleep(min(self.settings.retry_backoff * 2 ** (failures - 1), 30)):
+            if self.stop.sleep(config.backoff_delay(self.settings, failures)):
                 raise BatchAbandoned()
         for item in rejected:
             log.warning("Message sent to DLQ: %s (%s: %s)", self.settings.dlq_topic,

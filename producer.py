@@ -124,7 +124,7 @@ class CdcProducer:
 
     def backoff(self, failures):
         self.disconnect()
-        self.stop.sleep(min(self.settings.retry_backoff * 2 ** (failures - 1), 30))
+        self.stop.sleep(config.backoff_delay(self.settings, failures))
 
     def connect(self):
         """Connects to the source and waits for the producer lock."""
