@@ -142,6 +142,15 @@ def parse_args(description, argv, *groups):
     return resolve(parser.parse_args(argv), *groups)
 
 
+def run_daemon(daemon, description, argv, *groups):
+    """A daemon's main: its settings, logging, and daemon(settings, stop).run()
+    until SIGINT or SIGTERM."""
+    settings = parse_args(description, argv, *groups)
+    setup_logging(settings.log_level)
+    daemon(settings, StopFlag()).run()
+    return 0
+
+
 def run_cli(main):
     """Runs main(); a ConfigError becomes one line on stderr and exit status 1."""
     try:

@@ -326,10 +326,7 @@ class CdcConsumer:
 
 
 def main(argv):
-    settings = config.parse_args(__doc__, argv, "dest", "kafka", "daemon", "consumer")
-    config.setup_logging(settings.log_level)
-    CdcConsumer(settings, config.StopFlag()).run()
-    return 0
+    return config.run_daemon(CdcConsumer, __doc__, argv, "dest", "kafka", "daemon", "consumer")
 
 
 if __name__ == "__main__":

@@ -246,10 +246,7 @@ class CdcProducer:
 
 
 def main(argv):
-    settings = config.parse_args(__doc__, argv, "source", "kafka", "daemon", "producer")
-    config.setup_logging(settings.log_level)
-    CdcProducer(settings, config.StopFlag()).run()
-    return 0
+    return config.run_daemon(CdcProducer, __doc__, argv, "source", "kafka", "daemon", "producer")
 
 
 if __name__ == "__main__":
