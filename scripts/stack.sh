@@ -6,7 +6,7 @@
 #   scripts/stack.sh up [source|dest|kafka]...    start (all by default); idempotent
 #   scripts/stack.sh down [source|dest|kafka]...  stop what up started
 #   scripts/stack.sh status                        what runs, exit 1 if anything is down
-#   scripts/stack.sh reset                         stop everything and wipe the data
+#   scripts/stack.sh reset [source|dest|kafka]...  stop and wipe the data (all by default)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -20,6 +20,11 @@ SERVICES=(source dest kafka)
 
 say() { printf '%s\n' "$*"; }
 die() { printf 'Error: %s\n' "$*" >&2; exit 1; }
+# A log is all a CI run shows of a failure, so its end goes to stderr too.
+die_with_log() {  # die_with_log LOG MESSAGE
+    tail -n 20 "$1" >&2 2>/dev/null
+    die "$2, see $1"
+}
 
 # --- prerequisites ----------------------------------------------------------
 
@@ -100,7 +105,7 @@ pg_up() {
         # Password authentication over TCP, as the postgres Docker image does.
         as_pg "$bin/initdb" -D "$data" -U postgres --pwfile="$pwfile" -E UTF8 --locale=C \
             --auth-host=scram-sha-256 --auth-local=trust >"$root/$name.initdb.log" 2>&1 \
-            || { rm -f "$pwfile"; die "initdb failed for $name, see $root/$name.initdb.log"; }
+            || { rm -f "$pwfile"; die_with_log "$root/$name.initdb.log" "initdb failed for $name"; }
         rm -f "$pwfile"
         cat >>"$data/postgresql.conf" <<EOF
 listen_addresses = 'localhost'
@@ -112,7 +117,7 @@ EOF
     if ! pg_running "$name"; then
         port_open "$port" && die "port $port is already in use by another program; stop it and run up again"
         as_pg "$bin/pg_ctl" -D "$data" -l "$root/$name.log" -w -t 60 start >/dev/null \
-            || die "the $name PostgreSQL did not start, see $root/$name.log"
+            || die_with_log "$root/$name.log" "the $name PostgreSQL did not start"
     fi
     if [ -n "$fresh" ]; then
         PGPASSWORD=$PG_PASSWORD psql -h localhost -p "$port" -U postgres -d postgres -q \
@@ -148,7 +153,7 @@ kafka_libs() {
     rm -rf "$KAFKA_LIBS"
     mvn -q -B -f "$ROOT/scripts/kafka/pom.xml" dependency:copy-dependencies \
         -DoutputDirectory="$KAFKA_LIBS" >"$KAFKA_DIR/maven.log" 2>&1 \
-        || die "Maven could not resolve the Kafka jars, see $KAFKA_DIR/maven.log"
+        || die_with_log "$KAFKA_DIR/maven.log" "Maven could not resolve the Kafka jars"
     echo "$stamp" >"$KAFKA_LIBS/.pom.sha256"
 }
 
@@ -167,11 +172,14 @@ kafka_up() {
         port_open $KAFKA_PORT && die "port $KAFKA_PORT is already in use by another program"
         rm -rf "$KAFKA_DIR/data"
         sed "s|@DATA_DIR@|$KAFKA_DIR/data|" "$ROOT/scripts/kafka/server.properties" >"$KAFKA_DIR/server.properties"
+        # Kafka's own generator: a home-made id that starts with '-' (1 in 64)
+        # reads as an option and the format fails.
         local cluster_id
-        cluster_id=$(python3 -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
-        kafka_java kafka.tools.StorageTool format --standalone -t "$cluster_id" \
-            -c "$KAFKA_DIR/server.properties" >"$KAFKA_DIR/format.log" 2>&1 \
-            || die "formatting the Kafka log directory failed, see $KAFKA_DIR/format.log"
+        cluster_id=$(kafka_java kafka.tools.StorageTool random-uuid) \
+            || die "kafka-storage random-uuid failed"
+        kafka_java kafka.tools.StorageTool format --standalone --cluster-id "$cluster_id" \
+            --config "$KAFKA_DIR/server.properties" >"$KAFKA_DIR/format.log" 2>&1 \
+            || die_with_log "$KAFKA_DIR/format.log" "formatting the Kafka log directory failed"
         fresh=1
     fi
     if ! kafka_pid >/dev/null; then
@@ -181,10 +189,8 @@ kafka_up() {
             -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$ROOT/scripts/kafka/log4j2.properties" \
             kafka.Kafka "$KAFKA_DIR/server.properties" >"$KAFKA_DIR/kafka.log" 2>&1 </dev/null &
         echo $! >"$KAFKA_DIR/kafka.pid"
-        wait_for 90 kafka_started || {
-            tail -n 20 "$KAFKA_DIR/kafka.log" >&2
-            die "Kafka did not start within 90 s, see $KAFKA_DIR/kafka.log"
-        }
+        wait_for 90 kafka_started \
+            || die_with_log "$KAFKA_DIR/kafka.log" "Kafka did not start within 90 s"
     fi
     if [ -n "$fresh" ]; then
         kafka_create_topic bf_employee_cdc 3
@@ -205,11 +211,20 @@ kafka_down() {
 
 # --- commands -------------------------------------------------------------------
 
+check_names() {  # check_names NAME...: all of them known, before any is touched
+    local name
+    for name in "$@"; do
+        case " ${SERVICES[*]} " in
+            *" $name "*) ;;
+            *) die "unknown service '$name' (expected: ${SERVICES[*]})" ;;
+        esac
+    done
+}
+
 service_do() {  # service_do up|down NAME
     case $2 in
         source|dest) "pg_$1" "$2" ;;
         kafka) "kafka_$1" ;;
-        *) die "unknown service '$2' (expected: ${SERVICES[*]})" ;;
     esac
 }
 
@@ -242,17 +257,25 @@ cmd_status() {
     return $all_up
 }
 
+service_wipe() {  # service_wipe NAME: its data, never the Kafka jars
+    case $1 in
+        source|dest) [ -e "$STACK/pg" ] && rm -rf "$(pg_data "$1")" ;;
+        kafka) rm -rf "$KAFKA_DIR/data" "$KAFKA_DIR/server.properties" "$KAFKA_DIR"/*.log ;;
+    esac
+    return 0
+}
+
 cmd_reset() {
-    cmd_down
-    local pg_root
-    pg_root=$(readlink -f "$STACK/pg" 2>/dev/null || true)
-    rm -rf "$STACK/pg" "$KAFKA_DIR/data" "$KAFKA_DIR/server.properties" "$KAFKA_DIR"/*.log
-    [ -n "$pg_root" ] && [ "$pg_root" != "$STACK/pg" ] && rm -rf "$pg_root"
-    say "Stack data wiped (the Kafka jars are kept)"
+    local names=("$@") name
+    [ ${#names[@]} -gt 0 ] || names=(kafka dest source)
+    cmd_down "${names[@]}"
+    for name in "${names[@]}"; do service_wipe "$name"; done
+    say "Wiped the data of: ${names[*]} (the Kafka jars are kept)"
 }
 
 case ${1:-} in
-    up|down|status|reset) command=$1; shift; "cmd_$command" "$@" ;;
+    up|down|reset) command=$1; shift; check_names "$@"; "cmd_$command" "$@" ;;
+    status) cmd_status ;;
     -h|--help|help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' ;;
     *) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

@@ -1,9 +1,12 @@
-"""scripts/stack.sh on a machine that lacks something."""
+"""scripts/stack.sh refusing what it cannot do, with one line that names why."""
 
 import shutil
 import subprocess
 
-from conftest import ROOT
+import pytest
+from confluent_kafka.admin import AdminClient
+
+from conftest import KAFKA, ROOT, stack
 
 
 def test_a_missing_prerequisite_is_named_with_its_install_command(tmp_path):
@@ -17,8 +20,11 @@ def test_a_missing_prerequisite_is_named_with_its_install_command(tmp_path):
                                      "sudo apt-get install -y openjdk-17-jre-headless maven postgresql-client")
 
 
-def test_an_unknown_service_is_named():
-    result = subprocess.run(["bash", str(ROOT / "scripts/stack.sh"), "down", "zookeeper"],
-                            capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize("command", ["up", "down", "reset"])
+def test_an_unknown_service_is_named_before_anything_is_touched(services, command):
+    result = stack(command, "kafka", "zookeeper")
     assert result.returncode == 1
     assert result.stderr.strip() == "Error: unknown service 'zookeeper' (expected: source dest kafka)"
+    # Kafka, named first, was neither stopped nor wiped.
+    assert stack("status").returncode == 0
+    assert "bf_employee_cdc" in AdminClient({"bootstrap.servers": KAFKA}).list_topics(timeout=10).topics
