@@ -191,15 +191,18 @@ def producer_config(settings, client_id):
         "linger.ms": 5, "compression.type": "lz4"})
 
 
-def deliver(producer, topic, messages, stop=None):
+def deliver(producer, topic, messages, stop=None, acknowledged=None):
     """Produces (key, value, headers) messages and waits until Kafka has acknowledged
-    or refused every one. Returns the refused ones as (KafkaError, key, value).
+    or refused every one. Returns the refused ones as (KafkaError, key, value);
+    `acknowledged`, if given, is called with each message Kafka took.
     On a stop it gives up waiting: what is not acknowledged yet counts as refused."""
     refused = []
 
     def on_delivery(error, message):
         if error is not None:
             refused.append((error, message.key(), message.value()))
+        elif acknowledged is not None:
+            acknowledged(message)
 
     for key, value, headers in messages:
         while True:

@@ -203,9 +203,18 @@ class CdcProducer:
             except InvalidChange as error:
                 parked.append(self.dlq_message(row, error))
         by_value = {change.to_json(): change for change in changes}
+        shown = dict(config.logged(log, list(by_value.items())))
+        for change in shown.values():
+            log.info("Published CDC record: %s", change)
+
+        def acknowledged(message):
+            if message.value() in shown:
+                log.info("Message delivered to %s [%d] at offset %d",
+                         message.topic(), message.partition(), message.offset())
+
         refused = config.deliver(self.kafka, settings.topic,
                                  [(change.key, value, None) for value, change in by_value.items()],
-                                 self.stop)
+                                 self.stop, acknowledged)
         retriable = [error for error, _, _ in refused if error.code() not in REFUSED_FOR_GOOD]
         if retriable:
             raise PublishError(f"Kafka did not acknowledge {len(retriable)} of {len(changes)} "
@@ -220,8 +229,6 @@ class CdcProducer:
                                f"nor {settings.dlq_topic}")
         for _, value, _ in parked:
             log.warning("Message sent to DLQ: %s (%s)", settings.dlq_topic, json.loads(value)["error"])
-        for change in config.logged(log, list(by_value.values())):
-            log.info("Published CDC record: %s", change)
 
     def dlq_message(self, row, error):
         """A DLQ message for an emp_cdc row that is not a valid change."""

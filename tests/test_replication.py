@@ -68,10 +68,16 @@ def test_steps3_to_5_insert_update_delete(pipeline):
     producer, consumer = pipeline.producer(), pipeline.consumer()
     insert((100, "Test", "User", "1990-01-01", "Test City", 50000))
     pipeline.wait_for_equal()
-    producer.wait_for_log("Published CDC record: action_id=1, emp_id=100, action=INSERT")
     producer.wait_for_log("Successfully published 1 records. Offset saved: 1")
     consumer.wait_for_log("INSERT operation completed for emp_id=100")
     [message] = pipeline.messages()
+    # The seed's lines, in the seed's order, the delivery line naming where the message is.
+    lines = [line.split(" INFO ", 1)[1] for line in producer.log().splitlines() if " INFO " in line]
+    published = lines.index("Published CDC record: action_id=1, emp_id=100, action=INSERT")
+    assert lines[published:published + 3] == [
+        "Published CDC record: action_id=1, emp_id=100, action=INSERT",
+        f"Message delivered to {pipeline.topic} [{message['partition']}] at offset 0",
+        "Successfully published 1 records. Offset saved: 1"]
     assert message["key"] == b"100"
     assert json.loads(message["value"]) == {
         "action_id": 1, "emp_id": 100, "first_name": "Test", "last_name": "User",
