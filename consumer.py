@@ -108,7 +108,10 @@ class CdcConsumer:
                  "enable.auto.commit": True, "enable.auto.offset.store": False,
                  # Prefetch a few batches, not librdkafka's default 64 MB: the
                  # destination is the slower side, and memory stays small.
-                 "queued.max.messages.kbytes": 8192}
+                 "queued.max.messages.kbytes": 8192,
+                 # A partition that becomes fetchable (at assignment, say) joins the
+                 # next fetch request, which the broker may hold this long when idle.
+                 "fetch.wait.max.ms": 100}
         if settings.instance_id:
             group["group.instance.id"] = settings.instance_id
         self.kafka = Consumer(config.kafka_config(settings, **group))
