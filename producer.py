@@ -65,6 +65,18 @@ SET snapshot = %(until)s::pg_snapshot, batch_snapshot = NULL, batch_action_id = 
 WHERE id = 1
 """
 
+# The published changes past their retention, among the oldest PURGE_CHUNK. A change
+# whose transaction is older than every one in-flight at the saved snapshot (txid
+# below its xmin) was visible in it, and so is published.
+PURGE_PUBLISHED = """
+DELETE FROM emp_cdc
+WHERE action_id IN (SELECT action_id FROM emp_cdc ORDER BY action_id LIMIT %(chunk)s)
+  AND changed_at < now() - make_interval(secs => %(retention)s)
+  AND txid < pg_snapshot_xmin((SELECT snapshot FROM cdc_offset WHERE id = 1))
+"""
+PURGE_CHUNK = 10000
+PURGE_EVERY = 60  # seconds
+
 # Refusals that no retry can cure, because of the message itself: such a change goes
 # to the DLQ. Any other refusal (broker down, leader moving, timeout) is retried.
 REFUSED_FOR_GOOD = {
@@ -85,6 +97,7 @@ class CdcProducer:
         self.kafka = Producer(config.producer_config(settings, "cdc-producer"))
         self.db = None  # autocommit: the producer lock, LISTEN, the watermark
         self.reader = None  # reads a batch through a server-side cursor
+        self.next_purge = 0  # time.monotonic() of the next purge of emp_cdc
 
     def run(self):
         settings = self.settings
@@ -100,6 +113,8 @@ class CdcProducer:
             try:
                 if self.db is None:
                     self.connect()
+                elif time.monotonic() >= self.next_purge:
+                    self.purge_published()
                 elif self.work():
                     idle = False
                 else:
@@ -189,6 +204,21 @@ class CdcProducer:
             with self.db.cursor() as cursor:
                 cursor.execute(CLOSE_BATCH, {"until": until})
         return published > 0
+
+    def purge_published(self):
+        """Deletes the published changes older than CDC_RETENTION_HOURS, oldest first,
+        a chunk per statement so that no lock is held long; once a minute."""
+        self.next_purge = time.monotonic() + PURGE_EVERY
+        retention = self.settings.cdc_retention
+        purged = 0
+        with self.db.cursor() as cursor:
+            while not self.stop.requested:
+                cursor.execute(PURGE_PUBLISHED, {"chunk": PURGE_CHUNK, "retention": retention * 3600})
+                if cursor.rowcount == 0:
+                    break
+                purged += cursor.rowcount
+        if purged:
+            log.info("Purged %d published changes older than %g hours from emp_cdc.", purged, retention)
 
     def publish(self, rows):
         """Publishes the changes and waits for Kafka's acknowledgement. A change that

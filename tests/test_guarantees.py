@@ -76,6 +76,23 @@ def test_producer_killed_ten_times_under_load(pipeline):
     assert_every_change_published(pipeline)
 
 
+def test_purging_emp_cdc_under_overlapping_writers_loses_nothing(pipeline):
+    # Retention 0: each producer start purges everything published so far, while
+    # writers hold transactions open; whatever it deletes must already be in Kafka.
+    rng = random.Random(SEED)
+    pipeline.consumer()
+    with Writers(threads=8, seed=SEED):
+        for round_number in range(5):
+            producer = pipeline.producer(f"producer-{round_number}", CDC_RETENTION_HOURS="0")
+            time.sleep(rng.uniform(0.5, 1.5))
+            assert producer.stop() == 0
+    pipeline.producer("producer-last", CDC_RETENTION_HOURS="0")
+    pipeline.wait_for_equal(90)
+    purged = sum(int(count) for daemon in pipeline.daemons
+                 for count in re.findall(r"Purged (\d+) published changes", daemon.log()))
+    assert purged > 0, "no producer purged anything"
+
+
 def test_consumer_killed_ten_times_under_load(pipeline):
     rng = random.Random(SEED)
     pipeline.producer()

@@ -179,3 +179,21 @@ def test_admin_without_arguments_lists_the_topics(pipeline):
     assert result.returncode == 0
     assert f"  {pipeline.topic} (3 partitions)" in result.stdout
     assert f"  {pipeline.dlq_topic} (1 partition)" in result.stdout
+
+
+def test_the_producer_purges_only_published_changes_past_their_retention(pipeline):
+    producer = pipeline.producer(CDC_RETENTION_HOURS="1")
+    insert(*SEED_ROWS)
+    producer.wait_for_log("Offset saved: 3")
+    assert producer.stop() == 0
+    backdate = "UPDATE emp_cdc SET changed_at = now() - interval '2 hours' WHERE action_id = ANY(%s)"
+    query("source", backdate, ([1, 2],))
+    # Old, but committed while no producer ran: not published yet, so it must stay.
+    insert((102, "Bob", "Jones", "1992-03-20", "Chicago", 60000))
+    query("source", backdate, ([4],))
+
+    restarted = pipeline.producer("producer-restarted", CDC_RETENTION_HOURS="1")
+    restarted.wait_for_log("Offset saved: 4")
+    assert "Purged 2 published changes older than 1 hours from emp_cdc." in restarted.log()
+    assert [row[0] for row in query("source", "SELECT action_id FROM emp_cdc ORDER BY 1")] == [3, 4]
+    assert sorted(published_action_ids(pipeline)) == [1, 2, 3, 4]
