@@ -64,7 +64,7 @@ SETTINGS = [
     Setting("poll_interval", "POLL_INTERVAL", 5.0,
             "producer: longest wait in seconds between looks at emp_cdc (a commit "
             "wakes it at once through LISTEN/NOTIFY)", "producer", float, 0.01),
-    Setting("cdc_retention", "CDC_RETENTION_HOURS", 168.0,
+    Setting("cdc_retention_hours", "CDC_RETENTION_HOURS", 168.0,
             "producer: hours a published change stays in emp_cdc before the producer "
             "deletes it (0: as soon as it is published)", "producer", float, 0),
     Setting("max_retries", "MAX_RETRIES", 3,

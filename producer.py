@@ -209,7 +209,7 @@ class CdcProducer:
         """Deletes the published changes older than CDC_RETENTION_HOURS, oldest first,
         a chunk per statement so that no lock is held long; once a minute."""
         self.next_purge = time.monotonic() + PURGE_EVERY
-        retention = self.settings.cdc_retention
+        retention = self.settings.cdc_retention_hours
         purged = 0
         with self.db.cursor() as cursor:
             while not self.stop.requested:
