@@ -22,7 +22,7 @@ say() { printf '%s\n' "$*"; }
 die() { printf 'Error: %s\n' "$*" >&2; exit 1; }
 # A log is all a CI run shows of a failure, so its end goes to stderr too.
 die_with_log() {  # die_with_log LOG MESSAGE
-    tail -n 20 "$1" >&2 2>/dev/null
+    tail -n 20 "$1" >&2 2>/dev/null || true
     die "$2, see $1"
 }
 
@@ -175,7 +175,7 @@ kafka_up() {
         # Kafka's own generator: a home-made id that starts with '-' (1 in 64)
         # reads as an option and the format fails.
         local cluster_id
-        cluster_id=$(kafka_java kafka.tools.StorageTool random-uuid) \
+        cluster_id=$(kafka_java kafka.tools.StorageTool random-uuid | tail -n 1) \
             || die "kafka-storage random-uuid failed"
         kafka_java kafka.tools.StorageTool format --standalone --cluster-id "$cluster_id" \
             --config "$KAFKA_DIR/server.properties" >"$KAFKA_DIR/format.log" 2>&1 \
