@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The local stack without Docker: the source PostgreSQL on 5432, the destination
-# PostgreSQL on 5433 and a single-node Kafka broker (KRaft) on 29092.
+# PostgreSQL on 5433 and a single-node Kafka broker (KRaft) on 29092 (controller on
+# 29093). SOURCE_DB_PORT, DEST_DB_PORT and KAFKA_PORT in the environment move them.
 # Everything it writes lives under .stack/ in the repository (git-ignored).
 #
 #   scripts/stack.sh up [source|dest|kafka]...    start (all by default); idempotent
@@ -13,7 +14,10 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STACK="$ROOT/.stack"
 KAFKA_DIR="$STACK/kafka"
 KAFKA_LIBS="$KAFKA_DIR/libs"
-KAFKA_PORT=29092
+SOURCE_PORT=${SOURCE_DB_PORT:-5432}
+DEST_PORT=${DEST_DB_PORT:-5433}
+KAFKA_PORT=${KAFKA_PORT:-29092}
+CONTROLLER_PORT=$((KAFKA_PORT + 1))
 KAFKA_HEAP=${KAFKA_HEAP:-512m}
 PG_PASSWORD=postgres
 SERVICES=(source dest kafka)
@@ -61,7 +65,7 @@ wait_for() {  # wait_for SECONDS COMMAND...
 # --- PostgreSQL ---------------------------------------------------------------
 # PostgreSQL refuses to run as root, so as root the servers run as user postgres.
 
-service_port() { case $1 in source) echo 5432;; dest) echo 5433;; kafka) echo $KAFKA_PORT;; esac; }
+service_port() { case $1 in source) echo $SOURCE_PORT;; dest) echo $DEST_PORT;; kafka) echo $KAFKA_PORT;; esac; }
 pg_init_sql() { case $1 in source) echo "$ROOT/scripts/source/init.sql";; dest) echo "$ROOT/scripts/destination/init.sql";; esac; }
 
 as_pg() {
@@ -171,7 +175,8 @@ kafka_up() {
     if [ ! -f "$KAFKA_DIR/data/meta.properties" ]; then
         port_open $KAFKA_PORT && die "port $KAFKA_PORT is already in use by another program"
         rm -rf "$KAFKA_DIR/data"
-        sed "s|@DATA_DIR@|$KAFKA_DIR/data|" "$ROOT/scripts/kafka/server.properties" >"$KAFKA_DIR/server.properties"
+        sed -e "s|@DATA_DIR@|$KAFKA_DIR/data|" -e "s|@KAFKA_PORT@|$KAFKA_PORT|" \
+            -e "s|@CONTROLLER_PORT@|$CONTROLLER_PORT|" "$ROOT/scripts/kafka/server.properties" >"$KAFKA_DIR/server.properties"
         # Kafka's own generator: a home-made id that starts with '-' (1 in 64)
         # reads as an option and the format fails.
         local cluster_id

@@ -26,8 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 TEST_DB = "cdc_test"
-KAFKA = "localhost:29092"
-PORTS = {"source": 5432, "dest": 5433}
+# The stack's ports, moved by the same variables as scripts/stack.sh and the daemons.
+KAFKA = f"localhost:{os.environ.get('KAFKA_PORT', 29092)}"
+PORTS = {"source": int(os.environ.get("SOURCE_DB_PORT", 5432)),
+         "dest": int(os.environ.get("DEST_DB_PORT", 5433))}
 INIT_SQL = {"source": ROOT / "scripts/source/init.sql", "dest": ROOT / "scripts/destination/init.sql"}
 
 

@@ -10,15 +10,21 @@ from contextlib import closing
 import pytest
 
 import config
-from conftest import ROOT, connect, wait_until
+from conftest import KAFKA, PORTS, ROOT, connect, wait_until
 
 SCRIPTS = ["producer.py", "consumer.py", "admin.py", "test_pipeline.py"]
 
 
+# Where the stack is: kept, so that the suite runs against a stack on other ports too.
+STACK_LOCATION = {"SOURCE_DB_PORT", "DEST_DB_PORT", "KAFKA_BOOTSTRAP_SERVERS"}
+
+
 def clean_env(**settings):
-    """The environment without any of our settings, plus the given ones."""
-    names = {setting.env for setting in config.SETTINGS}
-    return {**{k: v for k, v in os.environ.items() if k not in names}, **settings}
+    """The environment without any of our settings but the stack's location, plus the given ones."""
+    names = {setting.env for setting in config.SETTINGS} - STACK_LOCATION
+    stack = {"KAFKA_BOOTSTRAP_SERVERS": KAFKA, "SOURCE_DB_PORT": str(PORTS["source"]),
+             "DEST_DB_PORT": str(PORTS["dest"])}
+    return {**{k: v for k, v in os.environ.items() if k not in names}, **stack, **settings}
 
 
 def run(script, *args, env=None, cwd=ROOT, timeout=60):
@@ -100,7 +106,7 @@ def test_consumer_refuses_a_destination_without_its_tables(pipeline):
                            b'"dob": null, "city": null, "salary": null, "action": "INSERT"}')
     assert consumer.process.wait(30) == 1
     assert consumer.log().splitlines()[-1] == (
-        "Error: destination database localhost:5433/cdc_no_schema has no employees or "
+        f"Error: destination database localhost:{PORTS['dest']}/cdc_no_schema has no employees or "
         "cdc_applied table (apply scripts/destination/init.sql)")
     assert pipeline.messages(pipeline.dlq_topic) == []
 

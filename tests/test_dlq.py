@@ -9,7 +9,7 @@ import sys
 import pytest
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
-from conftest import KAFKA, ROOT, Pipeline, employees, processed, query, stack, wait_until
+from conftest import KAFKA, PORTS, ROOT, Pipeline, employees, processed, query, stack, wait_until
 
 
 def change(emp_id, action_id=1, action="INSERT", **fields):
@@ -160,7 +160,7 @@ def test_destination_outage_retries_parks_then_replay_restores(pipeline):
     assert "Error processing message (attempt 4/4): " in log
     assert log.count("(attempt 1/4)") <= 5, "an outage costs a retry cycle per batch, not per message"
     assert all(r["headers"]["dlq.attempts"] == "4" and r["headers"]["dlq.error_class"] == "OperationalError"
-               and "5433" in r["error"] for r in dlq_records(pipeline))
+               and str(PORTS["dest"]) in r["error"] for r in dlq_records(pipeline))
 
     # Back by itself: a new change is applied without restarting the consumer...
     query("source", "INSERT INTO employees VALUES (104, 'After', 'Outage', NULL, NULL, 1)")

@@ -6,7 +6,7 @@ import sys
 
 from confluent_kafka.admin import AdminClient
 
-from conftest import (KAFKA, ROOT, employees, published_action_ids, query, stack,
+from conftest import (KAFKA, PORTS, ROOT, employees, published_action_ids, query, stack,
                       wait_until)
 
 SEED_ROWS = [(200, "David", "Wilson", "1991-01-01", "Miami", 65000),
@@ -54,7 +54,7 @@ def test_step2_schema_in_the_stack_databases(services):
 
 def test_step2_password_authentication_is_required(services):
     import psycopg2
-    for port in (5432, 5433):
+    for port in PORTS.values():
         try:
             psycopg2.connect(host="localhost", port=port, user="postgres", password="wrong",
                              dbname="postgres", connect_timeout=5)
