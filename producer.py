@@ -16,7 +16,6 @@ One producer publishes from a source at a time: a second one waits on an advisor
 and takes over when the first stops.
 """
 
-import itertools
 import json
 import logging
 import select
@@ -162,19 +161,23 @@ class CdcProducer:
     def wait_for_lock(self, cursor):
         """Takes the producer lock, waiting while another producer holds it; returns
         False if a stop came first. PostgreSQL frees the lock when its holder's
-        connection ends, however the holder died."""
-        for attempt in itertools.count():
-            cursor.execute("SELECT pg_try_advisory_lock(%s)", (PRODUCER_LOCK,))
-            if cursor.fetchone()[0]:
-                break
-            if attempt == 0:
-                log.info("Another producer is publishing from %s; waiting for it to stop...",
-                         config.database_name(self.settings, "source"))
-            if self.stop.sleep(1):
-                return False
-        if attempt:
+        connection ends, however the holder died, and hands it to the waiter at once."""
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", (PRODUCER_LOCK,))
+        if cursor.fetchone()[0]:
+            return True
+        log.info("Another producer is publishing from %s; waiting for it to stop...",
+                 config.database_name(self.settings, "source"))
+        # The wait is PostgreSQL's, a second at a time so that a stop is seen.
+        cursor.execute("SET lock_timeout = '1s'")
+        while not self.stop.requested:
+            try:
+                cursor.execute("SELECT pg_advisory_lock(%s)", (PRODUCER_LOCK,))
+            except psycopg2.errors.LockNotAvailable:
+                continue
+            cursor.execute("RESET lock_timeout")
             log.info("The other producer stopped; taking over.")
-        return True
+            return True
+        return False
 
     def disconnect(self):
         for connection in (self.reader, self.db):

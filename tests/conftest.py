@@ -153,7 +153,14 @@ class Pipeline:
                         "TRUNCATE employees, emp_cdc RESTART IDENTITY; "
                         "UPDATE cdc_offset SET last_action_id = 0, snapshot = '1:1:', "
                         "batch_snapshot = NULL, batch_action_id = 0")
-        query("dest", "TRUNCATE employees, cdc_applied")
+        query("dest", "DROP TRIGGER IF EXISTS record_applied ON employees; "
+                      "DROP TABLE IF EXISTS applied_history; TRUNCATE employees, cdc_applied")
+
+    @staticmethod
+    def record_applied():
+        """From now on the destination logs every row version the consumer writes,
+        for assert_applied_once_in_order."""
+        query("dest", RECORD_APPLIED)
 
     def start(self, script, name=None, args=(), **env):
         daemon = Daemon(name or Path(script).stem, script, {**self.env, **env}, self.log_dir, args)
@@ -199,6 +206,57 @@ class Pipeline:
                 daemon.kill()
         for future in self.admin.delete_topics([self.topic, self.dlq_topic]).values():
             future.result()
+
+
+# A test's own bookkeeping on the destination: one row per row version written to
+# employees, in the order the writes happened.
+RECORD_APPLIED = """
+CREATE TABLE applied_history (
+    seq bigserial PRIMARY KEY, emp_id int, action text, first_name text, last_name text,
+    dob text, city text, salary int);
+CREATE OR REPLACE FUNCTION record_applied() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        INSERT INTO applied_history (emp_id, action) VALUES (OLD.emp_id, 'DELETE');
+    ELSE
+        INSERT INTO applied_history (emp_id, action, first_name, last_name, dob, city, salary)
+        VALUES (NEW.emp_id, 'UPSERT', NEW.first_name, NEW.last_name, NEW.dob::text, NEW.city, NEW.salary);
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER record_applied AFTER INSERT OR UPDATE OR DELETE ON employees
+    FOR EACH ROW EXECUTE FUNCTION record_applied();
+"""
+
+
+def row_versions(side, sql):
+    """Each emp_id's row versions, in order, as (action, first_name, ..., salary)."""
+    versions = {}
+    for emp_id, action, *values in query(side, sql):
+        versions.setdefault(emp_id, []).append(
+            ("DELETE",) if action == "DELETE" else ("UPSERT", *values))
+    return versions
+
+
+def assert_applied_once_in_order():
+    """Every row version the destination wrote is a committed change of the source,
+    taken in the source's order per employee, none twice: a change applied again (a
+    replay the version gate let through) or out of order would have to match a change
+    before one already matched. Intermediate changes may be skipped (a batch applies
+    each employee's newest); the final state is checked by wait_for_equal."""
+    committed = row_versions("source", "SELECT emp_id, action, first_name, last_name, dob::text, "
+                                       "city, salary FROM emp_cdc ORDER BY action_id")
+    applied = row_versions("dest", "SELECT emp_id, action, first_name, last_name, dob, city, "
+                                   "salary FROM applied_history ORDER BY seq")
+    assert applied, "the destination recorded no applied change"
+    for emp_id, versions in applied.items():
+        changes, position = committed.get(emp_id, []), 0
+        for version in versions:
+            try:
+                position = changes.index(version, position) + 1
+            except ValueError:
+                pytest.fail(f"emp_id {emp_id}: the destination applied {version} twice, out of "
+                            f"order, or never committed (source: {changes})", pytrace=False)
 
 
 def read_topic(topic):

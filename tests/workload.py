@@ -18,6 +18,7 @@ class Writers:
         self.stopping = threading.Event()
         self.committed = 0
         self.rolled_back = 0
+        self.interrupted = 0  # transactions cut by the loss of the source
         self.errors = []
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._write, args=(number,), daemon=True)
@@ -44,11 +45,13 @@ class Writers:
 
     def _write(self, number):
         rng = random.Random(self.seed * 1000 + number)
-        db = connect("source")
-        db.autocommit = False
+        db = None
         done = 0
         try:
             while not self.stopping.is_set() and (self.max_transactions is None or done < self.max_transactions):
+                if db is None:
+                    db = self._connect()
+                    continue
                 done += 1
                 try:
                     with db.cursor() as cursor:
@@ -64,10 +67,27 @@ class Writers:
                         self._count("committed")
                 except psycopg2.errors.SerializationFailure:
                     db.rollback()
+                except (psycopg2.OperationalError, psycopg2.InterfaceError):
+                    # The source went away (a test stops it): whether this transaction
+                    # committed is the source's to say; the tests compare with it.
+                    db.close()
+                    db = None
+                    self._count("interrupted")
         except Exception as error:  # reported by stop(), so that the test fails on it
             self.errors.append(repr(error))
         finally:
-            db.close()
+            if db is not None:
+                db.close()
+
+    def _connect(self):
+        """A connection to the source, or None (after a short wait) while it is down."""
+        try:
+            db = connect("source")
+        except psycopg2.OperationalError:
+            time.sleep(0.2)
+            return None
+        db.autocommit = False
+        return db
 
     @staticmethod
     def _change(cursor, rng, emp_id):
