@@ -1,13 +1,19 @@
 """The DLQ loses nothing: every bad input named and parked without blocking the rest,
 outages retried then parked, replay restoring the destination."""
 
-import base64
 import json
 import subprocess
 import sys
+import time
+from datetime import datetime
+from types import SimpleNamespace
 
 import pytest
-from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
+from confluent_kafka import ConsumerGroupTopicPartitions
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
+
+import config
+import dlq
 
 from conftest import KAFKA, PORTS, ROOT, Pipeline, employees, processed, query, stack, wait_until
 
@@ -26,8 +32,10 @@ def without(field, data):
 
 
 def dlq_records(pipeline):
-    return [{**json.loads(m["value"]), "headers": {k: v.decode() for k, v in m["headers"].items()}}
-            for m in pipeline.messages(pipeline.dlq_topic)]
+    """The DLQ's records, without the markers `dlq replay` adds."""
+    records = [{**json.loads(m["value"]), "headers": {k: v.decode() for k, v in m["headers"].items()}}
+               for m in pipeline.messages(pipeline.dlq_topic)]
+    return [record for record in records if "original_topic" in record]
 
 
 def admin(pipeline, *args):
@@ -64,6 +72,7 @@ BAD_MESSAGES = {
     "no_key": (None, encoded(change(7011)), "message has no key"),
     "key_mismatch": (b"7012", encoded(change(7099)), "key '7012' does not match emp_id 7099"),
     "nan": (b"7013", b'{"action_id": 1, "emp_id": 7013, "salary": NaN}', "NaN is not a JSON value"),
+    "key_not_utf8": (b"\xff7014", encoded(change(7014)), "does not match emp_id 7014"),
 }
 
 
@@ -88,14 +97,15 @@ def assert_parked_and_next_applied(pipeline, key, value, expected_error, next_em
                           30, "the bad message in the DLQ", pipeline.daemons)
     assert expected_error in record["error"]
     assert record["original_topic"] == pipeline.topic
-    assert record["original_key"] == (key.decode() if key is not None else None)
     assert isinstance(record["timestamp"], float)
     assert record["headers"]["dlq.stage"] == "consumer"
     assert record["headers"]["dlq.attempts"] == "1"
-    if record.get("original_value_encoding") == "base64":
-        assert base64.b64decode(record["original_value"]) == value
-    else:
-        assert record["original_value"].encode() == value
+    # The exact bytes, as text where they are UTF-8 and in base64 where not.
+    assert dlq.original(record, "original_key") == key
+    assert dlq.original(record, "original_value") == value
+    for field, data in (("original_key", key), ("original_value", value)):
+        utf8 = data is None or data.decode("utf-8", "replace").encode() == data
+        assert (record.get(f"{field}_encoding") == "base64") == (not utf8), field
     return record
 
 
@@ -107,35 +117,107 @@ def test_bad_message_is_parked_and_the_next_is_applied(running, kind):
     assert record["headers"]["dlq.error_class"] == "InvalidChange"
 
 
-def test_not_utf8_is_kept_as_base64(running):
-    record = [r for r in dlq_records(running) if r["original_key"] == "7002"][0]
-    assert record["original_value_encoding"] == "base64"
-
-
 def test_constraint_violation_is_parked_and_the_next_is_applied(running):
     record = assert_parked_and_next_applied(running, b"7100", encoded(change(7100, salary=-5)),
                                             'violates check constraint "salary_not_negative"', 8100)
     assert record["headers"]["dlq.error_class"] == "CheckViolation"
 
 
-def test_parked_offsets_were_committed(running):
-    """Restarted, the consumer parks nothing twice: the bad messages' offsets were committed."""
-    parked = len(dlq_records(running))
-    assert running.daemons[0].stop() == 0
-    consumer = running.consumer("consumer-again")
-    running.produce(b"8200", encoded(change(8200)))
+def committed_offsets(pipeline):
+    group = ConsumerGroupTopicPartitions(pipeline.group)
+    [future] = pipeline.admin.list_consumer_group_offsets([group]).values()
+    return {tp.partition: tp.offset for tp in future.result().topic_partitions if tp.offset >= 0}
+
+
+def test_parked_offsets_were_committed(pipeline):
+    """Restarted, the consumer parks nothing twice: the bad message's offset was committed."""
+    consumer = pipeline.consumer()
+    partition, offset = pipeline.produce(b"7001", b"{not json")
+    wait_until(lambda: dlq_records(pipeline), 30, "the bad message in the DLQ", [consumer])
+    assert consumer.stop() == 0
+    assert committed_offsets(pipeline)[partition] == offset + 1
+    again = pipeline.consumer("consumer-again")
+    pipeline.produce(b"8200", encoded(change(8200)))
     wait_until(lambda: query("dest", "SELECT 1 FROM employees WHERE emp_id = 8200"), 30,
-               "a change after the restart", [consumer])
-    assert len(dlq_records(running)) == parked
+               "a change after the restart", [again])
+    assert len(dlq_records(pipeline)) == 1
 
 
-def test_admin_dlq_filters_and_counts(running):
-    assert admin(running, "dlq", "count").stdout.strip() == str(len(dlq_records(running)))
-    assert admin(running, "dlq", "count", "--error", "malformed json").stdout.strip() == "2"
-    listing = admin(running, "dlq", "list", "--key", "7006").stdout
+def test_offsets_wait_until_the_dlq_has_the_reject(pipeline):
+    consumer = pipeline.consumer()
+    [future] = pipeline.admin.delete_topics([pipeline.dlq_topic]).values()
+    future.result()
+    wait_until(lambda: pipeline.dlq_topic not in pipeline.admin.list_topics(timeout=10).topics, 30,
+               "the DLQ to be deleted")
+    partition, offset = pipeline.produce(b"7001", b"{not json")
+    consumer.wait_for_log("Invalid message in")
+    time.sleep(6)  # longer than the 5 s between librdkafka's offset commits
+    assert committed_offsets(pipeline).get(partition, 0) <= offset, "the offset moved past a reject the DLQ never took"
+    assert "Message sent to DLQ" not in consumer.log()
+    [future] = pipeline.admin.create_topics([NewTopic(pipeline.dlq_topic, 1, 1)]).values()
+    future.result()
+    [record] = wait_until(lambda: dlq_records(pipeline), 60, "the reject in the DLQ once it exists", [consumer])
+    assert (record["partition"], record["offset"]) == (partition, offset)
+    wait_until(lambda: committed_offsets(pipeline).get(partition) == offset + 1, 30,
+               "the offset to move past the reject once the DLQ has it", [consumer])
+    pipeline.produce(b"8300", encoded(change(8300)))
+    wait_until(lambda: query("dest", "SELECT 1 FROM employees WHERE emp_id = 8300"), 30,
+               "the change after it", [consumer])
+
+
+def test_admin_dlq_filters_and_counts(pipeline):
+    pipeline.consumer()
+    for key, value in ((b"7001", b"{cut"), (b"7002", b"[also cut"), (b"7006", encoded(change(7006, salary="abc"))),
+                       (b"7007", encoded(change(7007, dob="2023-02-30")))):
+        pipeline.produce(key, value)
+    wait_until(lambda: len(dlq_records(pipeline)) == 4, 30, "four records in the DLQ", pipeline.daemons)
+    assert admin(pipeline, "dlq", "count").stdout.strip() == "4"
+    assert admin(pipeline, "dlq", "count", "--error", "malformed json").stdout.strip() == "2"
+    listing = admin(pipeline, "dlq", "list", "--key", "7006").stdout
     assert 'salary: expected an integer, got "abc"' in listing and "7007" not in listing
-    newest_first = admin(running, "dlq", "list").stdout
-    assert newest_first.index("key=7100") < newest_first.index("key=7001")
+    newest_first = admin(pipeline, "dlq", "list").stdout
+    assert newest_first.index("key=7007") < newest_first.index("key=7001")
+
+
+def test_replay_filters_by_key_and_error_and_a_content_reject_comes_back(pipeline):
+    consumer = pipeline.consumer()
+    pipeline.produce(b"7006", encoded(change(7006, salary="abc")))
+    pipeline.produce(b"7007", encoded(change(7007, dob="2023-02-30")))
+    wait_until(lambda: len(dlq_records(pipeline)) == 2, 30, "two records in the DLQ", [consumer])
+
+    replay = admin(pipeline, "dlq", "replay", "--key", "7006")
+    assert f"Replayed 1 messages from {pipeline.dlq_topic}" in replay.stdout
+    # Still wrong, so rejected again: a new record for it, the old one marked replayed.
+    wait_until(lambda: len(dlq_records(pipeline)) == 3, 30, "the replayed reject back in the DLQ", [consumer])
+    assert [r["original_key"] for r in dlq_records(pipeline)] == ["7006", "7007", "7006"]
+    assert admin(pipeline, "dlq", "count").stdout.strip() == "2"
+    assert admin(pipeline, "dlq", "count", "--key", "7007").stdout.strip() == "1"
+
+    replay = admin(pipeline, "dlq", "replay", "--error", "not a valid date")
+    assert f"Replayed 1 messages from {pipeline.dlq_topic}" in replay.stdout
+    wait_until(lambda: len(dlq_records(pipeline)) == 4, 30, "the second reject back", [consumer])
+    assert [r["original_key"] for r in dlq_records(pipeline)][-1] == "7007"
+
+
+def test_backoff_is_2_4_8_seconds_then_the_dlq(pipeline):
+    # Nothing listens on port 1: every attempt fails at once, so the gaps are the backoff.
+    consumer = pipeline.consumer(DEST_DB_PORT="1", RETRY_BACKOFF="2")
+    pipeline.produce(b"7400", encoded(change(7400)))
+    consumer.wait_for_log("Max retries exceeded. Sending to DLQ.", timeout=60)
+    attempts = [datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+                for line in consumer.log().splitlines() if "Error processing message (attempt" in line]
+    assert len(attempts) == 4
+    gaps = [(later - earlier).total_seconds() for earlier, later in zip(attempts, attempts[1:])]
+    for gap, backoff in zip(gaps, (2, 4, 8)):
+        assert backoff <= gap < backoff + 1.5, gaps
+    [record] = wait_until(lambda: dlq_records(pipeline), 30, "the change in the DLQ", [consumer])
+    assert record["headers"]["dlq.attempts"] == "4"
+
+
+@pytest.mark.parametrize("backoff, attempt, seconds", [(2, 1, 2), (2, 2, 4), (2, 3, 8), (2, 6, 60), (2, 30, 60),
+                                                        (0.2, 3, 0.8)])
+def test_backoff_doubles_and_stops_at_a_minute(backoff, attempt, seconds):
+    assert config.backoff_delay(SimpleNamespace(retry_backoff=backoff), attempt) == seconds
 
 
 # --- the seed's step 7: the destination stops, changes retry, park, and are replayed -----
