@@ -149,10 +149,11 @@ class CdcProducer:
                 return
             try:
                 cursor.execute("LISTEN emp_cdc")
+                cursor.execute("SELECT FROM emp_cdc LIMIT 0")  # there, and readable
                 cursor.execute("SELECT last_action_id FROM cdc_offset WHERE id = 1")
             except psycopg2.ProgrammingError as error:
                 raise config.ConfigError(f"source database {config.database_name(self.settings, 'source')}: "
-                                         f"{config.one_line(error)} (apply scripts/source/init.sql)") from None
+                                         f"{error.diag.message_primary} (apply scripts/source/init.sql)") from None
             log.info("Loaded offset: %d", cursor.fetchone()[0])
         # Planned for the whole result, not the first rows: a batch is read to its end.
         self.reader = config.connect(self.settings, "source", application_name="cdc-producer-reader",

@@ -111,6 +111,20 @@ def test_consumer_refuses_a_destination_without_its_tables(pipeline):
     assert pipeline.messages(pipeline.dlq_topic) == []
 
 
+def test_producer_refuses_a_source_without_emp_cdc(pipeline):
+    with closing(connect("source", "postgres")) as db, db.cursor() as cursor:
+        cursor.execute("DROP DATABASE IF EXISTS cdc_no_log")
+        cursor.execute("CREATE DATABASE cdc_no_log")
+    with closing(connect("source", "cdc_no_log")) as db, db.cursor() as cursor:
+        cursor.execute((ROOT / "scripts/source/init.sql").read_text())
+        cursor.execute("DROP TABLE emp_cdc CASCADE")
+    producer = pipeline.start("producer.py", SOURCE_DB_NAME="cdc_no_log")
+    assert producer.process.wait(30) == 1
+    assert producer.log().splitlines()[-1] == (
+        f"Error: source database localhost:{PORTS['source']}/cdc_no_log: relation \"emp_cdc\" does "
+        "not exist (apply scripts/source/init.sql)")
+
+
 def test_ctrl_c_stops_a_waiting_producer_at_once(pipeline):
     pipeline.producer("first")
     waiting = pipeline.start("producer.py", "waiting")
