@@ -2,6 +2,7 @@
 passwords never shown, a clean stop on Ctrl+C, and the README kept true to them."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -141,13 +142,20 @@ def test_admin_reports_an_unreachable_broker_in_one_line():
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_readme_and_env_example_document_every_setting():
+def settings_table_row(setting):
+    default = f"`{setting.default}`" if setting.default != "" else "(none)"
+    return f"| `{setting.env}` | `--{setting.name.replace('_', '-')}` | {default} | {setting.help} |"
+
+
+def test_readme_and_env_example_document_every_setting_and_nothing_else():
     readme = (ROOT / "README.md").read_text()
     example = (ROOT / ".env.example").read_text()
+    table = [line for line in readme.splitlines() if re.match(r"\| `[A-Z_]+` \| `--", line)]
+    assert table == [settings_table_row(setting) for setting in config.SETTINGS], \
+        "README's configuration table, as config.py has it:\n" + "\n".join(map(settings_table_row, config.SETTINGS))
     for setting in config.SETTINGS:
-        default = f"`{setting.default}`" if setting.default != "" else "(none)"
-        assert f"| `{setting.env}` | {default} | {setting.help} |" in readme, setting.env
         assert f"\n{setting.env}={setting.default}\n" in example, setting.env
+    assert set(re.findall(r"^([A-Z_]+)=", example, re.M)) == {setting.env for setting in config.SETTINGS}
 
 
 def test_readme_shows_every_admin_command():
