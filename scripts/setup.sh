@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the pipeline needs, set up on this machine: the Python packages of
-# requirements.txt in the virtual environment .venv, and the local stack
+# requirements.txt and requirements-test.txt in the virtual environment .venv, and the local stack
 # (scripts/stack.sh up). Run again, it only checks.
 set -euo pipefail
 
@@ -14,10 +14,10 @@ if [ ! -x "$ROOT/.venv/bin/python" ]; then
         exit 1
     }
 fi
-stamp=$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)
+stamp=$(cat "$ROOT/requirements.txt" "$ROOT/requirements-test.txt" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$ROOT/.venv/.requirements.sha256" 2>/dev/null)" != "$stamp" ]; then
-    echo "Installing requirements.txt into .venv"
-    "$ROOT/.venv/bin/python" -m pip install -q --disable-pip-version-check -r "$ROOT/requirements.txt"
+    echo "Installing requirements.txt and requirements-test.txt into .venv"
+    "$ROOT/.venv/bin/python" -m pip install -q --disable-pip-version-check -r "$ROOT/requirements-test.txt"
     echo "$stamp" >"$ROOT/.venv/.requirements.sha256"
 fi
 bash "$ROOT/scripts/stack.sh" up

@@ -68,6 +68,7 @@ def test_databases(services, service, init_sql):
     mounts = [volume.split(":") for volume in database["volumes"]]
     assert [f"./{init_sql}"] == [host for host, target, *_ in mounts
                                  if target.startswith("/docker-entrypoint-initdb.d/")]
+    assert "/var/lib/postgresql/data" in named_volume_targets(database)
     assert (ROOT / init_sql).is_file()
     assert "pg_isready" in database["healthcheck"]["test"]
 
@@ -103,14 +104,31 @@ def test_daemons(services, service, database, expected):
     assert daemon["restart"] == "unless-stopped"
 
 
-def test_dockerfile_installs_requirements():
+def named_volume_targets(service):
+    """Where a service mounts volumes that docker-compose.yml names (not host folders)."""
+    declared = yaml.safe_load((ROOT / "docker-compose.yml").read_text()).get("volumes") or {}
+    return {volume.split(":")[1] for volume in service.get("volumes", [])
+            if volume.split(":")[0] in declared}
+
+
+def test_data_lives_in_named_volumes(services):
+    # Anonymous volumes are left behind by `down`, and `up` silently starts empty.
+    assert "/var/lib/kafka/data" in named_volume_targets(services["kafka"])
+    assert environment(services["kafka"])["KAFKA_LOG_DIRS"] == "/var/lib/kafka/data"
+
+
+def test_dockerfile_installs_the_runtime_requirements_and_runs_unprivileged():
     lines = (ROOT / "Dockerfile").read_text().splitlines()
     assert "FROM python:3.11-slim" in lines
     assert any(line.startswith("COPY requirements.txt") for line in lines)
     assert any(line.startswith("RUN pip install") and "-r requirements.txt" in line
                for line in lines)
+    users = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0")
+    runtime = (ROOT / "requirements.txt").read_text()
+    assert "pytest" not in runtime and "PyYAML" not in runtime
 
 
-def test_dockerignore_keeps_local_files_out():
+def test_dockerignore_keeps_local_files_and_the_tests_out():
     ignored = set((ROOT / ".dockerignore").read_text().splitlines())
-    assert {".stack/", ".venv/", ".git/", ".env"} <= ignored
+    assert {".stack/", ".venv/", ".git/", ".env", "tests/", "requirements-test.txt"} <= ignored
