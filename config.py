@@ -63,7 +63,7 @@ SETTINGS = [
             "transaction in the consumer", "daemon", int, 1),
     Setting("poll_interval", "POLL_INTERVAL", 0.1,
             "producer: longest wait in seconds between looks at emp_cdc for commits "
-            "(1 ms while changes flow, doubling while idle up to this)", "producer", float, 0.001),
+            "(1 ms while changes flow, growing while idle up to this)", "producer", float, 0.001),
     Setting("cdc_retention_hours", "CDC_RETENTION_HOURS", 168.0,
             "producer: hours a published change stays in emp_cdc before the producer "
             "deletes it (0: as soon as it is published)", "producer", float, 0),

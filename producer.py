@@ -68,9 +68,11 @@ SELECT (SELECT txid FROM emp_cdc WHERE txid >= (SELECT pg_snapshot_xmax(snapshot
                WHERE EXISTS (SELECT FROM emp_cdc WHERE txid = xip))
 """
 # The first wait after a batch: changes that flow are seen within a millisecond or two.
-# Each empty look doubles the wait, up to POLL_INTERVAL, so an idle source is asked a
-# few times a second.
+# Each empty look waits a tenth longer, up to POLL_INTERVAL: a change that comes t
+# seconds after the last is seen within about t/10, and an idle source is asked
+# 1/POLL_INTERVAL times a second.
 FIRST_WAIT = 0.001  # seconds
+RELAX = 1.1
 
 SAVE_PROGRESS = """
 UPDATE cdc_offset
@@ -293,8 +295,8 @@ class CdcProducer:
 
     def wait_for_changes(self):
         """Returns when emp_cdc holds committed changes past the watermark, when a
-        purge is due, or on a stop; between looks it waits FIRST_WAIT, doubling up to
-        POLL_INTERVAL."""
+        purge is due, or on a stop; between looks it waits FIRST_WAIT, growing by RELAX
+        up to POLL_INTERVAL."""
         wait = FIRST_WAIT
         with self.db.cursor() as cursor:
             while not self.stop.requested and time.monotonic() < self.next_purge:
@@ -302,7 +304,7 @@ class CdcProducer:
                 if cursor.fetchone()[0]:
                     return
                 self.stop.sleep(wait)
-                wait = min(wait * 2, self.settings.poll_interval)
+                wait = min(wait * RELAX, self.settings.poll_interval)
 
 
 def main(argv):
