@@ -61,9 +61,9 @@ SETTINGS = [
     Setting("batch_size", "BATCH_SIZE", 2000,
             "changes per batch: per Kafka flush in the producer, per destination "
             "transaction in the consumer", "daemon", int, 1),
-    Setting("poll_interval", "POLL_INTERVAL", 5.0,
-            "producer: longest wait in seconds between looks at emp_cdc (a commit "
-            "wakes it at once through LISTEN/NOTIFY)", "producer", float, 0.01),
+    Setting("poll_interval", "POLL_INTERVAL", 0.1,
+            "producer: longest wait in seconds between looks at emp_cdc for commits "
+            "(1 ms while changes flow, growing while idle up to this)", "producer", float, 0.001),
     Setting("cdc_retention_hours", "CDC_RETENTION_HOURS", 168.0,
             "producer: hours a published change stays in emp_cdc before the producer "
             "deletes it (0: as soon as it is published)", "producer", float, 0),

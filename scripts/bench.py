@@ -1,16 +1,28 @@
 #!/usr/bin/env python3
 """Benchmark of the pipeline on the running local stack (scripts/stack.sh up).
 
-It works apart from any running pipeline: databases `cdc_bench` on both servers,
-topics and a consumer group of its own, its own producer.py and consumer.py, all
-removed at the end. It measures
+It works apart from any running pipeline: databases `cdc_bench` on both servers (and
+`cdc_bench_bare` on the source), topics and a consumer group of its own, its own
+producer.py and consumer.py, all removed at the end. It prints one table:
 
-  latency     one row inserted at a time: from the INSERT's commit to the row in
-              the destination (median and 95th percentile)
-  throughput  N rows inserted in one statement, then updated in one statement:
-              changes per second from the commit until the destination has them all
+  single row        rows inserted one at a time: from the INSERT's commit to the row
+                    in the destination (median and 95th percentile)
+  one statement     N rows inserted in one statement, then updated in one statement:
+                    changes per second from the commit until the destination has them
+  source cost       pgbench, 8 clients of one-row UPDATE, then INSERT, transactions on
+                    the captured table with the daemons running, against a bare table
+                    on the same server: tps of each and the share kept
+  latency           changes offered at 1,000/s, then as fast as 8 writers can, in
+                    one-statement transactions: commit->applied p50/p95/p99/max from
+                    the databases' timestamps, and when the destination caught up
+  long transaction  the 1,000/s load with one transaction holding an xid open all
+                    along: latency per minute
+  drain             a backlog committed while the daemons are stopped, then started:
+                    changes per second until the destination equals the source
+  memory            the peak RSS of each daemon over all of the above
 
-  .venv/bin/python scripts/bench.py --changes 100000 --samples 50
+  .venv/bin/python scripts/bench.py            # the full run, about 20 minutes
+  .venv/bin/python scripts/bench.py --quick    # every part, small: about a minute
 """
 
 import argparse
@@ -29,8 +41,30 @@ from confluent_kafka.admin import AdminClient, NewTopic
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import config  # noqa: E402  (the project's modules live one folder up)
+import bench_load  # noqa: E402
+from bench_load import SteadyLoad, distribution, latencies  # noqa: E402
 
 DATABASE = "cdc_bench"
+BARE_DATABASE = "cdc_bench_bare"
+BARE_TABLE = """
+CREATE TABLE employees (emp_id INT PRIMARY KEY, first_name VARCHAR(100), last_name VARCHAR(100),
+                        dob DATE, city VARCHAR(100), salary INT)
+"""
+FILL = ("INSERT INTO employees SELECT g, 'First' || g, 'Last', DATE '1990-01-01' + mod(g, 9000), "
+        "'City', g FROM generate_series(1, %s) g")
+TOTALS = "SELECT count(*), sum(salary) FROM employees"
+PARTS = ["single_statements", "source_cost", "latency_under_load", "long_transaction", "drain"]
+BACKLOG_CHUNK = 10000  # rows per transaction of the backlog
+
+# What each part does, in full and with --quick.
+SIZES = {
+    False: SimpleNamespace(changes=100000, samples=50, pgbench_seconds=15, rate=1000,
+                           load_seconds=60, max_seconds=30, long_minutes=10, minute=60,
+                           backlog=1_000_000),
+    True: SimpleNamespace(changes=2000, samples=10, pgbench_seconds=2, rate=1000,
+                          load_seconds=3, max_seconds=3, long_minutes=2, minute=3,
+                          backlog=20000),
+}
 
 
 def connect(settings, side):
@@ -39,19 +73,28 @@ def connect(settings, side):
     return connection
 
 
+def recreate_database(settings, side, name):
+    with closing(connect(settings, side)) as admin, admin.cursor() as cursor:
+        cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        cursor.execute(f"CREATE DATABASE {name}")
+
+
+def run_sql(settings, side, *statements):
+    with closing(connect(settings, side)) as db, db.cursor() as cursor:
+        for statement, *params in statements:
+            cursor.execute(statement, *params)
+
+
 def create_databases(settings, bench):
     for side, init_sql in (("source", "scripts/source/init.sql"), ("dest", "scripts/destination/init.sql")):
-        with closing(connect(settings, side)) as admin, admin.cursor() as cursor:
-            cursor.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-            cursor.execute(f"CREATE DATABASE {DATABASE}")
-        with closing(connect(bench, side)) as db, db.cursor() as cursor:
-            cursor.execute((ROOT / init_sql).read_text())
+        recreate_database(settings, side, DATABASE)
+        run_sql(bench, side, ((ROOT / init_sql).read_text(),))
 
 
 def drop_databases(settings):
-    for side in ("source", "dest"):
+    for side, name in (("source", DATABASE), ("dest", DATABASE), ("source", BARE_DATABASE)):
         with closing(connect(settings, side)) as admin, admin.cursor() as cursor:
-            cursor.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
+            cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def wait_for(cursor, sql, expected, timeout=600):
@@ -63,6 +106,20 @@ def wait_for(cursor, sql, expected, timeout=600):
         if time.monotonic() > deadline:
             raise SystemExit(f"Error: the destination did not get there within {timeout} s")
         time.sleep(0.001)
+
+
+def wait_for_equal(source, dest, timeout=600):
+    """Waits until the destination's employees add up to the source's; returns when."""
+    source.execute(TOTALS)
+    expected = source.fetchone()
+    deadline = time.monotonic() + timeout
+    while True:
+        dest.execute(TOTALS)
+        if dest.fetchone() == expected:
+            return time.monotonic()
+        if time.monotonic() > deadline:
+            raise SystemExit(f"Error: the destination did not equal the source within {timeout} s")
+        time.sleep(0.01)
 
 
 def measure_latency(source, dest, samples):
@@ -82,54 +139,172 @@ def measure_throughput(source, dest, changes, statement, arrived_sql):
     return changes / (wait_for(dest, arrived_sql, changes) - committed)
 
 
+class Bench:
+    """One run: the benchmark's databases and topics, its daemons, the table it prints."""
+
+    def __init__(self, settings, size, parts):
+        self.settings, self.size, self.parts = settings, size, parts
+        self.bench = SimpleNamespace(**{**vars(settings), "source_db": DATABASE, "dest_db": DATABASE})
+        run_id = uuid.uuid4().hex[:8]
+        self.topic, self.dlq_topic = f"bench_{run_id}", f"bench_{run_id}_dlq"
+        self.env = {**os.environ, "SOURCE_DB_NAME": DATABASE, "DEST_DB_NAME": DATABASE,
+                    "KAFKA_TOPIC": self.topic, "KAFKA_DLQ_TOPIC": self.dlq_topic,
+                    "KAFKA_GROUP_ID": f"bench_{run_id}",
+                    "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers}
+        self.daemons = []
+        self.peak_rss = {"producer": 0.0, "consumer": 0.0}  # MB
+        self.rows = []
+
+    def row(self, part, what, figure):
+        self.rows.append((part, what, figure))
+        print(f"  {part}: {what}: {figure}", file=sys.stderr, flush=True)
+
+    def start_daemons(self):
+        self.daemons = [(name, subprocess.Popen([sys.executable, str(ROOT / f"{name}.py")],
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                                env=self.env))
+                        for name in self.peak_rss]
+
+    def stop_daemons(self):
+        for name, daemon in self.daemons:
+            if daemon.poll() is None:
+                self.peak_rss[name] = max(self.peak_rss[name], bench_load.peak_rss_mb(daemon.pid))
+                daemon.terminate()
+            daemon.wait(30)
+        self.daemons = []
+
+    def run(self):
+        admin = AdminClient({"bootstrap.servers": self.settings.bootstrap_servers})
+        for future in admin.create_topics([NewTopic(self.topic, 3, 1), NewTopic(self.dlq_topic, 1, 1)]).values():
+            future.result()
+        create_databases(self.settings, self.bench)
+        try:
+            self.start_daemons()
+            with closing(connect(self.bench, "source")) as source_db, \
+                    closing(connect(self.bench, "dest")) as dest_db:
+                source, dest = source_db.cursor(), dest_db.cursor()
+                self.single_statements(source, dest)
+                dest.execute(bench_load.NOTE_APPLIED)
+                for part in PARTS[1:]:
+                    if part in self.parts:
+                        getattr(self, part)(source, dest)
+            self.stop_daemons()
+            self.row("memory", "peak RSS of each daemon over all of the above",
+                     "producer {producer:.0f} MB, consumer {consumer:.0f} MB".format_map(self.peak_rss))
+        finally:
+            self.stop_daemons()
+            for future in admin.delete_topics([self.topic, self.dlq_topic]).values():
+                future.result()
+            drop_databases(self.settings)
+        self.print_table()
+
+    def single_statements(self, source, dest):
+        size = self.size
+        source.execute("INSERT INTO employees VALUES (0, 'Warm', 'Up', NULL, NULL, 0)")
+        wait_for(dest, "SELECT count(*) FROM employees", 1, 60)
+        median, p95 = measure_latency(source, dest, size.samples)
+        self.row("single row", f"{size.samples} inserts one at a time, commit->visible",
+                 f"median {median * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms")
+        source.execute("TRUNCATE employees")
+        wait_for(dest, "SELECT count(*) FROM employees", 0)
+        rate = measure_throughput(source, dest, size.changes, FILL, "SELECT count(*) FROM employees")
+        self.row("one statement", f"{size.changes:,} inserts", f"{rate:,.0f} changes/s")
+        rate = measure_throughput(source, dest, size.changes,
+                                  "UPDATE employees SET salary = -salary WHERE emp_id <= %s",
+                                  "SELECT count(*) FROM employees WHERE salary < 0")
+        self.row("one statement", f"{size.changes:,} updates", f"{rate:,.0f} changes/s")
+
+    def source_cost(self, source, dest):
+        size = self.size
+        if bench_load.pgbench_missing():
+            self.row("source cost", "pgbench", "not measured: no pgbench (apt-get install postgresql-client)")
+            return
+        recreate_database(self.settings, "source", BARE_DATABASE)
+        run_sql(SimpleNamespace(**{**vars(self.settings), "source_db": BARE_DATABASE}), "source",
+                (BARE_TABLE,), (FILL, (size.changes,)))
+        for statement in ("UPDATE", "INSERT"):
+            bare, captured = (bench_load.pgbench_tps(self.settings, database, statement, size.changes,
+                                                     size.pgbench_seconds)
+                              for database in (BARE_DATABASE, DATABASE))
+            self.row("source cost", f"pgbench one-row {statement}s, 8 clients, {size.pgbench_seconds} s, "
+                                    f"daemons running",
+                     f"bare {bare:,.0f} tps, captured {captured:,.0f} tps, kept {captured / bare:.0%}")
+        wait_for_equal(source, dest, 600)
+
+    def offer(self, source, dest, rate, seconds, writers):
+        """A steady load; its latency samples (commit epoch, seconds), the changes
+        offered per second, and how long after the last commit the destination trailed."""
+        dest.execute("TRUNCATE bench_applied")
+        source.execute("SELECT COALESCE(max(action_id), 0) FROM emp_cdc")
+        after = source.fetchone()[0]
+        with SteadyLoad(lambda: connect(self.bench, "source"), self.size.changes, rate, writers) as load:
+            time.sleep(seconds)
+        samples, trailed, missing = latencies(source, dest, after)
+        if missing:
+            raise SystemExit(f"Error: {missing} changes of the load never reached the destination")
+        return samples, load.offered / load.seconds, trailed
+
+    def latency_under_load(self, source, dest):
+        size = self.size
+        for rate, seconds, writers in ((size.rate, size.load_seconds, 4), (None, size.max_seconds, 8)):
+            samples, offered, trailed = self.offer(source, dest, rate, seconds, writers)
+            what = (f"{rate:,} changes/s, 4 writers" if rate else "as fast as 8 writers go") + f", {seconds} s"
+            self.row("latency", what, f"{distribution([s for _, s in samples])} commit->applied; "
+                                      f"offered {offered:,.0f}/s; caught up {max(trailed, 0) * 1000:.0f} ms "
+                                      f"after the last commit")
+
+    def long_transaction(self, source, dest):
+        size = self.size
+        with closing(connect(self.bench, "source")) as held_db, held_db.cursor() as held:
+            held.execute("BEGIN")
+            held.execute("SELECT pg_current_xact_id()")
+            samples, _, _ = self.offer(source, dest, size.rate, size.long_minutes * size.minute, 4)
+            held.execute("ROLLBACK")
+        start = samples[0][0]
+        for number in range(size.long_minutes):
+            window = [seconds for at, seconds in samples
+                      if start + number * size.minute <= at < start + (number + 1) * size.minute]
+            self.row("long transaction", f"{size.rate:,}/s with an xid open, minute {number + 1}"
+                     + ("" if size.minute == 60 else f" ({size.minute} s)"), distribution(window))
+
+    def drain(self, source, dest):
+        size = self.size
+        self.stop_daemons()
+        for first in range(0, size.backlog, BACKLOG_CHUNK):
+            low = first % size.changes + 1
+            source.execute("UPDATE employees SET salary = salary + 1 WHERE emp_id BETWEEN %s AND %s",
+                           (low, low + min(BACKLOG_CHUNK, size.backlog - first) - 1))
+        started = time.monotonic()
+        self.start_daemons()
+        rate = size.backlog / (wait_for_equal(source, dest, 1800) - started)
+        self.row("drain", f"{size.backlog:,} changes committed with the daemons stopped",
+                 f"{rate:,.0f} changes/s from the daemons' start until the destination was equal")
+
+    def print_table(self):
+        widths = [max(len(row[column]) for row in self.rows) for column in (0, 1)]
+        for part, what, figure in self.rows:
+            print(f"{part:<{widths[0]}}  {what:<{widths[1]}}  {figure}")
+
+
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_settings(parser, "source", "dest", "kafka")
-    parser.add_argument("--changes", type=int, default=100000, help="rows for the throughput runs")
-    parser.add_argument("--samples", type=int, default=50, help="single-row inserts for the latency run")
+    parser.add_argument("--quick", action="store_true", help="every part, small: a check that it runs")
+    parser.add_argument("--changes", type=int, help="rows of the table and of the one-statement runs (100000)")
+    parser.add_argument("--samples", type=int, help="rows inserted one at a time (50)")
+    parser.add_argument("--long-minutes", type=int, help="minutes of the long-transaction run (10)")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated parts to run, of {','.join(PARTS)} (all); "
+                             "the table is created by the first, which always runs")
     settings = config.resolve(parser.parse_args(argv), "source", "dest", "kafka")
-
-    run_id = uuid.uuid4().hex[:8]
-    topic, dlq_topic = f"bench_{run_id}", f"bench_{run_id}_dlq"
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
-    for future in admin.create_topics([NewTopic(topic, 3, 1), NewTopic(dlq_topic, 1, 1)]).values():
-        future.result()
-    # The same servers, the benchmark's own databases.
-    bench = SimpleNamespace(**{**vars(settings), "source_db": DATABASE, "dest_db": DATABASE})
-    create_databases(settings, bench)
-    env = {"SOURCE_DB_NAME": DATABASE, "DEST_DB_NAME": DATABASE, "KAFKA_TOPIC": topic,
-           "KAFKA_DLQ_TOPIC": dlq_topic, "KAFKA_GROUP_ID": f"bench_{run_id}",
-           "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers}
-    daemons = [subprocess.Popen([sys.executable, str(ROOT / script)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env={**os.environ, **env})
-               for script in ("producer.py", "consumer.py")]
-    try:
-        with closing(connect(bench, "source")) as source_db, closing(connect(bench, "dest")) as dest_db:
-            source, dest = source_db.cursor(), dest_db.cursor()
-            source.execute("INSERT INTO employees VALUES (0, 'Warm', 'Up', NULL, NULL, 0)")
-            wait_for(dest, "SELECT count(*) FROM employees", 1, 60)
-            median, p95 = measure_latency(source, dest, settings.samples)
-            print(f"latency     {settings.samples} single-row inserts: median {median * 1000:.1f} ms, "
-                  f"p95 {p95 * 1000:.1f} ms")
-            source.execute("TRUNCATE employees")
-            wait_for(dest, "SELECT count(*) FROM employees", 0)
-            rate = measure_throughput(
-                source, dest, settings.changes,
-                "INSERT INTO employees SELECT g, 'First' || g, 'Last', DATE '1990-01-01' + mod(g, 9000), "
-                "'City', g FROM generate_series(1, %s) g", "SELECT count(*) FROM employees")
-            print(f"throughput  {settings.changes} inserts in one statement: {rate:,.0f} changes/s")
-            rate = measure_throughput(
-                source, dest, settings.changes,
-                "UPDATE employees SET salary = -salary WHERE emp_id <= %s",
-                "SELECT count(*) FROM employees WHERE salary < 0")
-            print(f"throughput  {settings.changes} updates in one statement: {rate:,.0f} changes/s")
-    finally:
-        for daemon in daemons:
-            daemon.terminate()
-            daemon.wait(30)
-        for future in admin.delete_topics([topic, dlq_topic]).values():
-            future.result()
-        drop_databases(settings)
+    size = SIZES[settings.quick]
+    for name in ("changes", "samples", "long_minutes"):
+        if getattr(settings, name):
+            setattr(size, name, getattr(settings, name))
+    unknown = set(settings.parts.split(",")) - set(PARTS)
+    if unknown:
+        raise config.ConfigError(f"--parts: no part named {', '.join(sorted(unknown))}")
+    Bench(settings, size, settings.parts.split(",")).run()
     return 0
 
 

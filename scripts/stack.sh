@@ -118,6 +118,10 @@ unix_socket_directories = ''
 EOF
         fresh=1
     fi
+    # Writers of employees may use two-phase commit (PREPARE TRANSACTION). A cluster
+    # made before this line gets it too, a running one at its next start.
+    grep -q '^max_prepared_transactions' "$data/postgresql.conf" \
+        || echo "max_prepared_transactions = 10" | as_pg tee -a "$data/postgresql.conf" >/dev/null
     if ! pg_running "$name"; then
         port_open "$port" && die "port $port is already in use by another program; stop it and run up again"
         as_pg "$bin/pg_ctl" -D "$data" -l "$root/$name.log" -w -t 60 start >/dev/null \

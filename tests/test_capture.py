@@ -1,0 +1,83 @@
+"""Capture without a commit lock: no NOTIFY in the write path, so writers may use
+two-phase commit; a transaction held open long is published, in order, when it commits."""
+
+import json
+import threading
+from contextlib import closing
+
+from conftest import INIT_SQL, connect, published_action_ids, query, wait_until
+
+OLD_NOTIFY_TRIGGER = """
+CREATE OR REPLACE FUNCTION notify_employee_changes() RETURNS trigger
+LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_notify('emp_cdc', ''); RETURN NULL; END; $$;
+CREATE OR REPLACE TRIGGER employee_notify_trigger
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON employees
+    FOR EACH STATEMENT EXECUTE FUNCTION notify_employee_changes();
+"""
+
+
+def test_init_sql_removes_the_notify_trigger_of_an_older_database(services):
+    query("source", OLD_NOTIFY_TRIGGER)
+    for _ in range(2):  # and stays idempotent
+        query("source", INIT_SQL["source"].read_text())
+    assert query("source", "SELECT tgname FROM pg_trigger WHERE tgrelid = 'employees'::regclass "
+                           "AND NOT tgisinternal ORDER BY tgname") == [
+        ("employee_audit_trigger",), ("employee_truncate_trigger",)]
+    assert query("source", "SELECT proname FROM pg_proc WHERE proname = 'notify_employee_changes'") == []
+
+
+def salaries_published(pipeline, emp_id):
+    return [json.loads(message["value"])["salary"] for message in pipeline.messages()
+            if message["key"] == str(emp_id).encode()]
+
+
+def test_two_phase_commit_is_published_after_commit_prepared(pipeline):
+    pipeline.producer()
+    pipeline.consumer()
+    with closing(connect("source")) as writer, writer.cursor() as cursor:
+        try:
+            cursor.execute("BEGIN")
+            cursor.execute("INSERT INTO employees VALUES (1, 'Two', 'Phase', NULL, NULL, 1)")
+            cursor.execute("PREPARE TRANSACTION 'cdc_test_2pc'")
+            query("source", "INSERT INTO employees VALUES (2, 'Other', 'Writer', NULL, NULL, 2)")
+            wait_until(lambda: query("dest", "SELECT emp_id FROM employees") == [(2,)], 30,
+                       "the other writer's row in the destination", pipeline.daemons)
+            assert salaries_published(pipeline, 1) == []
+            cursor.execute("COMMIT PREPARED 'cdc_test_2pc'")
+        finally:
+            cursor.execute("SELECT gid FROM pg_prepared_xacts WHERE gid = 'cdc_test_2pc'")
+            if cursor.fetchone():
+                cursor.execute("ROLLBACK PREPARED 'cdc_test_2pc'")
+    assert [row[0] for row in pipeline.wait_for_equal()] == [1, 2]
+    assert salaries_published(pipeline, 1) == [1]
+
+
+def write_single_rows(first_emp_id, count):
+    with closing(connect("source")) as db, db.cursor() as cursor:
+        for emp_id in range(first_emp_id, first_emp_id + count):
+            cursor.execute("INSERT INTO employees VALUES (%s, 'Short', 'Writer', NULL, NULL, 0)", (emp_id,))
+
+
+def test_a_long_transaction_is_published_in_order_when_it_commits(pipeline):
+    pipeline.producer()
+    pipeline.consumer()
+    with closing(connect("source")) as long_db, long_db.cursor() as long_transaction:
+        long_transaction.execute("BEGIN")
+        long_transaction.execute("INSERT INTO employees VALUES (1, 'Long', 'Report', NULL, NULL, 1)")
+        writers = [threading.Thread(target=write_single_rows, args=(1000 * number, 300))
+                   for number in (1, 2, 3, 4)]
+        for thread in writers:
+            thread.start()
+        for thread in writers:
+            thread.join(120)
+        wait_until(lambda: query("dest", "SELECT count(*) FROM employees") == [(1200,)], 60,
+                   "the short writers' 1,200 rows in the destination", pipeline.daemons)
+        for salary in (2, 3):
+            long_transaction.execute("UPDATE employees SET salary = %s WHERE emp_id = 1", (salary,))
+        assert salaries_published(pipeline, 1) == []
+        long_transaction.execute("COMMIT")
+    source = pipeline.wait_for_equal()
+    assert len(source) == 1201 and source[0][5] == 3
+    assert salaries_published(pipeline, 1) == [1, 2, 3]
+    assert sorted(published_action_ids(pipeline)) == [
+        row[0] for row in query("source", "SELECT action_id FROM emp_cdc ORDER BY action_id")]
