@@ -65,7 +65,7 @@ def test_flag_beats_environment_beats_dotenv(services, tmp_path, where):
 @pytest.mark.parametrize("setting, value, message", [
     ("SOURCE_DB_PORT", "abc", "Error: SOURCE_DB_PORT: 'abc' is not a valid int"),
     ("BATCH_SIZE", "0", "Error: BATCH_SIZE: '0' is below the minimum of 1"),
-    ("KAFKA_CONFIG", "acks", "Error: KAFKA_CONFIG: 'acks' is not key=value"),
+    ("KAFKA_CONFIG", "acks", "Error: KAFKA_CONFIG: item 1 is not key=value"),
     ("LOG_LEVEL", "LOUD", "Error: LOG_LEVEL: 'LOUD' is not one of DEBUG, INFO, WARNING, ERROR"),
 ])
 def test_a_bad_setting_is_one_line_and_exit_1(setting, value, message):
