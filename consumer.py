@@ -252,10 +252,11 @@ class CdcConsumer:
         return rejected
 
     def execute_apply(self, batch):
-        # The values were parsed and validated already; PostgreSQL reads them as they came.
-        changes = b"[" + b",".join(message.value() for message, _ in batch) + b"]"
+        # PostgreSQL reads the changes as Python validated them, written anew, never the
+        # bytes that came: those may hold fields, nesting or escapes it reads otherwise.
+        changes = "[" + ",".join(change.to_json_text() for _, change in batch) + "]"
         with self.db.cursor() as cursor:
-            cursor.execute(APPLY, {"changes": changes.decode("utf-8")})
+            cursor.execute(APPLY, {"changes": changes})
             return dict(cursor.fetchall())
 
     def log_applied(self, batch, applied):
