@@ -4,6 +4,8 @@ A change travels as one flat JSON object:
     {"action_id": 7, "emp_id": 1, "first_name": "John", "last_name": "Doe",
      "dob": "1990-01-01", "city": "New York", "salary": 75000, "action": "INSERT"}
 Every field is required; all but action_id, emp_id and action may be null.
+A TRUNCATE of the table travels as one change with action "TRUNCATE", its action_id,
+and every employee field null; its Kafka key is null.
 Validation raises InvalidChange with a message that names the field.
 """
 
@@ -13,7 +15,8 @@ import re
 from datetime import date
 from dataclasses import dataclass, fields
 
-ACTIONS = ("INSERT", "UPDATE", "DELETE")
+TRUNCATE = "TRUNCATE"
+ACTIONS = ("INSERT", "UPDATE", "DELETE", TRUNCATE)
 TEXT_MAX_LENGTH = 100  # VARCHAR(100) in scripts/source/init.sql and scripts/destination/init.sql
 INT_MIN, INT_MAX = -2**31, 2**31 - 1  # PostgreSQL INT
 BIGINT_MAX = 2**63 - 1
@@ -136,11 +139,12 @@ CHANGE_FIELDS = ("action_id", *EMPLOYEE_FIELDS, "action")
 @dataclass(slots=True)
 class Change:
     """One captured INSERT, UPDATE or DELETE: the row as the change left it (for a
-    DELETE, as it was), numbered by action_id in the order the source made them."""
+    DELETE, as it was), numbered by action_id in the order the source made them.
+    Or a TRUNCATE, which has no employee."""
 
     action_id: int
     action: str
-    employee: Employee
+    employee: Employee | None
 
     def __post_init__(self):
         _check_int("action_id", self.action_id, 1, BIGINT_MAX, nullable=False)
@@ -149,19 +153,29 @@ class Change:
 
     @property
     def emp_id(self):
-        return self.employee.emp_id
+        return None if self.employee is None else self.employee.emp_id
 
     @property
     def key(self):
-        """The Kafka key: emp_id as UTF-8 text, so one employee's changes share a partition."""
-        return str(self.emp_id).encode()
+        """The Kafka key: emp_id as UTF-8 text, so one employee's changes share a
+        partition; None for a TRUNCATE, which concerns them all."""
+        return None if self.employee is None else str(self.emp_id).encode()
+
+    @classmethod
+    def _of(cls, action_id, action, employee_fields):
+        if action != TRUNCATE:
+            return cls(action_id, action, Employee(*employee_fields))
+        named = [name for name, value in zip(EMPLOYEE_FIELDS, employee_fields) if value is not None]
+        if named:
+            raise InvalidChange(f"{', '.join(named)}: a TRUNCATE has no employee, expected null")
+        return cls(action_id, action, None)
 
     @classmethod
     def from_row(cls, row):
         """From an emp_cdc row selected as (action_id, <employee fields>, action),
         with dob as text."""
         action_id, *employee, action = row
-        return cls(action_id, action, Employee(*employee))
+        return cls._of(action_id, action, employee)
 
     @classmethod
     def from_dict(cls, data):
@@ -170,9 +184,7 @@ class Change:
         missing = [name for name in CHANGE_FIELDS if name not in data]
         if missing:
             raise InvalidChange(f"{', '.join(missing)}: missing")
-        employee = Employee(data["emp_id"], data["first_name"], data["last_name"], data["dob"],
-                            data["city"], data["salary"])
-        return cls(data["action_id"], data["action"], employee)
+        return cls._of(data["action_id"], data["action"], [data[name] for name in EMPLOYEE_FIELDS])
 
     @classmethod
     def from_json(cls, text):
@@ -191,6 +203,8 @@ class Change:
 
     def to_dict(self):
         employee = self.employee
+        if employee is None:
+            return {"action_id": self.action_id, **dict.fromkeys(EMPLOYEE_FIELDS), "action": self.action}
         return {"action_id": self.action_id, "emp_id": employee.emp_id,
                 "first_name": employee.first_name, "last_name": employee.last_name,
                 "dob": employee.dob, "city": employee.city, "salary": employee.salary,

@@ -153,7 +153,7 @@ class Pipeline:
                         "TRUNCATE employees, emp_cdc RESTART IDENTITY; "
                         "UPDATE cdc_offset SET last_action_id = 0, snapshot = '1:1:', "
                         "batch_snapshot = NULL, batch_action_id = 0")
-        query("dest", "TRUNCATE employees, cdc_applied")
+        query("dest", "TRUNCATE employees, cdc_applied, cdc_truncated")
 
     def start(self, script, name=None, args=(), **env):
         daemon = Daemon(name or Path(script).stem, script, {**self.env, **env}, self.log_dir, args)

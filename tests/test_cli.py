@@ -106,8 +106,8 @@ def test_consumer_refuses_a_destination_without_its_tables(pipeline):
                            b'"dob": null, "city": null, "salary": null, "action": "INSERT"}')
     assert consumer.process.wait(30) == 1
     assert consumer.log().splitlines()[-1] == (
-        f"Error: destination database localhost:{PORTS['dest']}/cdc_no_schema has no employees or "
-        "cdc_applied table (apply scripts/destination/init.sql)")
+        f"Error: destination database localhost:{PORTS['dest']}/cdc_no_schema has no employees, "
+        "cdc_applied or cdc_truncated table (apply scripts/destination/init.sql)")
     assert pipeline.messages(pipeline.dlq_topic) == []
 
 
