@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import psycopg2
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from dotenv import dotenv_values
 
 
@@ -249,11 +249,42 @@ def producer_config(settings, client_id):
         "linger.ms": 5, "compression.type": "lz4"})
 
 
+class FatalKafkaError(Exception):
+    """librdkafka declared a producer unusable (KafkaError.fatal(): an idempotence
+    guarantee it cannot keep); only a new producer can go on."""
+
+
+def _fatal(error):
+    # A fatal error reaches Python raised from flush() or poll(), sometimes as the
+    # cause of a SystemError when it surfaced inside a delivery callback.
+    while error is not None:
+        if isinstance(error, KafkaException) and isinstance(error.args[0], KafkaError) \
+                and error.args[0].fatal():
+            return error.args[0]
+        error = error.__cause__
+    return None
+
+
 def deliver(producer, topic, messages, stop=None, acknowledged=None):
     """Produces (key, value, headers) messages and waits until Kafka has acknowledged
     or refused every one. Returns the refused ones as (KafkaError, key, value);
     `acknowledged`, if given, is called with each message Kafka took.
-    On a stop it gives up waiting: what is not acknowledged yet counts as refused."""
+    On a stop it gives up waiting: what is not acknowledged yet counts as refused.
+    Raises FatalKafkaError if the producer is no longer usable."""
+    try:
+        refused = _deliver(producer, topic, messages, stop, acknowledged)
+    except (KafkaException, SystemError) as error:
+        fatal = _fatal(error)
+        if fatal is None:
+            raise
+        raise FatalKafkaError(fatal.str()) from None
+    fatal = next((error for error, _, _ in refused if error.fatal()), None)
+    if fatal is not None:
+        raise FatalKafkaError(fatal.str())
+    return refused
+
+
+def _deliver(producer, topic, messages, stop, acknowledged):
     refused = []
 
     def on_delivery(error, message):

@@ -175,8 +175,11 @@ class CdcConsumer:
         if settings.instance_id:
             group["group.instance.id"] = settings.instance_id
         self.kafka = Consumer(config.kafka_config(settings, **group))
-        self.dlq = Producer(config.producer_config(settings, "cdc-consumer-dlq"))
+        self.dlq = self.new_dlq_producer()
         self.db = None  # connected on first use, so a destination that is down is retried
+
+    def new_dlq_producer(self):
+        return Producer(config.producer_config(self.settings, "cdc-consumer-dlq"))
 
     def run(self):
         settings = self.settings
@@ -199,6 +202,12 @@ class CdcConsumer:
             except config.ConfigError:
                 self.kafka.close()
                 raise
+            except config.FatalKafkaError as error:
+                failures += 1
+                log.error("DLQ producer failed for good (%s); the batch is consumed again "
+                          "with a new one", error)
+                self.dlq = self.new_dlq_producer()
+                self.stop.sleep(config.backoff_delay(settings, failures))
             except Exception:
                 failures += 1
                 log.exception("Unexpected error; the batch will be consumed again")
