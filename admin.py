@@ -98,7 +98,7 @@ def delete_topics(admin, settings):
 # --- consumer group -----------------------------------------------------------------
 
 def describe_group(admin, settings):
-    name = settings.group or settings.group
+    name = settings.group_name or settings.group
     description = admin.describe_consumer_groups([name], request_timeout=TIMEOUT)[name].result()
     committed = admin.list_consumer_group_offsets(
         [ConsumerGroupTopicPartitions(name)], request_timeout=TIMEOUT)[name].result().topic_partitions
@@ -287,7 +287,8 @@ def build_parser():
 
     command = add_command(commands, "group", describe_group,
                           "consumer group members, offsets, lag  (python admin.py group bf_group)")
-    command.add_argument("group", nargs="?", help="group (default: KAFKA_GROUP_ID)")
+    command.add_argument("group_name", nargs="?", metavar="GROUP",
+                         help="group (default: --group, KAFKA_GROUP_ID)")
 
     dlq_command = commands.add_parser("dlq", help="inspect and replay the DLQ  (python admin.py dlq list)",
                                       description="inspect and replay the DLQ  (python admin.py dlq list)")

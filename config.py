@@ -2,7 +2,7 @@
 
 Each setting is named once below, with its environment variable, default and help.
 A value comes from, in rising order of precedence: the default, a `.env` file in the
-working directory, the environment, a command-line flag.
+working directory (never a parent folder's), the environment, a command-line flag.
 """
 
 import argparse
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import psycopg2
-from confluent_kafka import KafkaException
-from dotenv import dotenv_values, find_dotenv
+from confluent_kafka import KafkaError, KafkaException
+from dotenv import dotenv_values
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,10 @@ SETTINGS = [
             "Kafka bootstrap servers (inside Docker: kafka:9092)", "kafka"),
     Setting("kafka_config", "KAFKA_CONFIG", "",
             "extra librdkafka settings for every Kafka client, as key=value,key=value "
-            "(security.protocol=SASL_SSL,... or session.timeout.ms=6000)", "kafka"),
+            "(session.timeout.ms=6000); a value with a comma goes in KAFKA_CONFIG_FILE", "kafka"),
+    Setting("kafka_config_file", "KAFKA_CONFIG_FILE", "",
+            "a librdkafka properties file, key=value lines as Kafka's own tools take "
+            "(security.protocol, sasl.password, ...); KAFKA_CONFIG wins over it", "kafka"),
     Setting("topic", "KAFKA_TOPIC", "bf_employee_cdc", "main topic of change events", "kafka"),
     Setting("dlq_topic", "KAFKA_DLQ_TOPIC", "bf_employee_cdc_dlq", "dead letter queue topic", "kafka"),
     Setting("group", "KAFKA_GROUP_ID", "bf_group", "consumer group", "consumer"),
@@ -93,8 +96,8 @@ def add_settings(parser, *groups):
 
 def resolve(arguments, *groups):
     """The settings of the given groups: flag, else environment, else .env, else default."""
-    dotenv_path = find_dotenv(usecwd=True)
-    from_file = dotenv_values(dotenv_path) if dotenv_path else {}
+    dotenv_path = os.path.join(os.getcwd(), ".env")
+    from_file = dotenv_values(dotenv_path) if os.path.isfile(dotenv_path) else {}
     values = {}
     for setting in SETTINGS:
         if setting.group not in groups:
@@ -113,7 +116,8 @@ def resolve(arguments, *groups):
     resolved = SimpleNamespace(**vars(arguments))
     resolved.__dict__.update(values)
     if "kafka_config" in values:
-        resolved.kafka_config = _parse_kafka_config(values["kafka_config"])
+        resolved.kafka_config = {**_read_kafka_config_file(values["kafka_config_file"]),
+                                 **_parse_kafka_config(values["kafka_config"])}
     return resolved
 
 
@@ -129,12 +133,50 @@ def _convert(setting, source, raw):
 
 def _parse_kafka_config(text):
     extra = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, separator, value = item.partition("=")
-        if not separator or not key.strip():
-            raise ConfigError(f"KAFKA_CONFIG: {item!r} is not key=value")
-        extra[key.strip()] = value.strip()
+    for number, item in enumerate(filter(None, (part.strip() for part in text.split(","))), 1):
+        # No item is shown: a comma inside a password would cut it, and show the rest.
+        where = f"KAFKA_CONFIG: item {number}"
+        extra.update(_key_value(item, where))
+        if _SECRET_KEY.search(item.partition("=")[0]):
+            raise ConfigError(f"{where} may hold a secret, which belongs in KAFKA_CONFIG_FILE")
     return extra
+
+
+def _read_kafka_config_file(path):
+    """The settings of a properties file as Kafka's tools read one: `key=value`,
+    `key: value` or `key value` lines; # and ! start a comment line."""
+    if not path:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"KAFKA_CONFIG_FILE: cannot read {path}: "
+                          f"{getattr(error, 'strerror', None) or error.reason}") from None
+    extra = {}
+    for number, line in enumerate(lines, 1):
+        if line.strip() and not line.lstrip().startswith(("#", "!")):
+            match = _PROPERTY.fullmatch(line)
+            if not match:
+                raise ConfigError(f"KAFKA_CONFIG_FILE {path} line {number} is not key=value")
+            extra[match["key"]] = match["value"]
+    return extra
+
+
+# A key ends at the first '=', ':' or blank; the value is the rest, trimmed.
+_PROPERTY = re.compile(r"\s*(?P<key>[^=:\s]+)\s*[=:]?\s*(?P<value>.*?)\s*")
+
+
+# librdkafka keys whose values may be secrets (sasl.password, ssl.key.password,
+# sasl.oauthbearer.client.secret, sasl.jaas.config, ssl.key.pem, ...).
+_SECRET_KEY = re.compile(r"password|secret|token|jaas|(^|\.)key(\.pem)?$", re.IGNORECASE)
+
+
+def _key_value(item, where):
+    key, separator, value = item.partition("=")
+    if not separator or not key.strip():
+        raise ConfigError(f"{where} is not key=value")
+    return {key.strip(): value.strip()}
 
 
 def parse_args(description, argv, *groups):
@@ -165,12 +207,25 @@ def run_cli(main):
 
 # --- clients ------------------------------------------------------------------
 
-def connect(settings, side, **options):
-    """A connection to the source or dest PostgreSQL of the settings."""
+# TCP keepalives and a user timeout, both ends, so that a connection to a machine that
+# vanished (power cut, network gone) ends within about 40 seconds, not the kernel's two
+# hours: the server then ends the session and frees its locks (the producer lock), and
+# the client learns its server is gone. Idle 20 s, then 4 probes 5 s apart; the user
+# timeout covers a connection with data in flight, which keepalives do not probe.
+KEEPALIVE = {"keepalives": 1, "keepalives_idle": 20, "keepalives_interval": 5,
+             "keepalives_count": 4, "tcp_user_timeout": 40000}
+SERVER_KEEPALIVE = ("-c tcp_keepalives_idle=20 -c tcp_keepalives_interval=5 "
+                    "-c tcp_keepalives_count=4 -c tcp_user_timeout=40000")
+
+
+def connect(settings, side, options="", **parameters):
+    """A connection to the source or dest PostgreSQL of the settings; `options` are
+    the server's session settings (-c name=value)."""
     return psycopg2.connect(
         host=getattr(settings, f"{side}_host"), port=getattr(settings, f"{side}_port"),
         user=getattr(settings, f"{side}_user"), password=getattr(settings, f"{side}_password"),
-        dbname=getattr(settings, f"{side}_db"), connect_timeout=5, **options)
+        dbname=getattr(settings, f"{side}_db"), connect_timeout=5,
+        options=f"{SERVER_KEEPALIVE} {options}".strip(), **KEEPALIVE, **parameters)
 
 
 def database_name(settings, side):
@@ -194,11 +249,42 @@ def producer_config(settings, client_id):
         "linger.ms": 5, "compression.type": "lz4"})
 
 
+class FatalKafkaError(Exception):
+    """librdkafka declared a producer unusable (KafkaError.fatal(): an idempotence
+    guarantee it cannot keep); only a new producer can go on."""
+
+
+def _fatal(error):
+    # A fatal error reaches Python raised from flush() or poll(), sometimes as the
+    # cause of a SystemError when it surfaced inside a delivery callback.
+    while error is not None:
+        if isinstance(error, KafkaException) and isinstance(error.args[0], KafkaError) \
+                and error.args[0].fatal():
+            return error.args[0]
+        error = error.__cause__
+    return None
+
+
 def deliver(producer, topic, messages, stop=None, acknowledged=None):
     """Produces (key, value, headers) messages and waits until Kafka has acknowledged
     or refused every one. Returns the refused ones as (KafkaError, key, value);
     `acknowledged`, if given, is called with each message Kafka took.
-    On a stop it gives up waiting: what is not acknowledged yet counts as refused."""
+    On a stop it gives up waiting: what is not acknowledged yet counts as refused.
+    Raises FatalKafkaError if the producer is no longer usable."""
+    try:
+        refused = _deliver(producer, topic, messages, stop, acknowledged)
+    except (KafkaException, SystemError) as error:
+        fatal = _fatal(error)
+        if fatal is None:
+            raise
+        raise FatalKafkaError(fatal.str()) from None
+    fatal = next((error for error, _, _ in refused if error.fatal()), None)
+    if fatal is not None:
+        raise FatalKafkaError(fatal.str())
+    return refused
+
+
+def _deliver(producer, topic, messages, stop, acknowledged):
     refused = []
 
     def on_delivery(error, message):

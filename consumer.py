@@ -22,19 +22,54 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 import config
 import dlq
-from employee import Change, InvalidChange
+from employee import TRUNCATE, Change, InvalidChange
 
 log = logging.getLogger("consumer")
 
+# Two consumers may hold changes of one employee at once (partitions added, or moved
+# from a consumer that overran max.poll.interval.ms). In READ COMMITTED each statement
+# reads its own snapshot, so the batch's employees are locked, in emp_id order, by a
+# statement of their own before APPLY: APPLY's snapshot, taken once the locks are
+# held, then has what the previous holder committed (its DELETE sees that holder's
+# INSERT). Transaction-level advisory locks: released at commit, no rows needed.
+LOCK_EMPLOYEES = """
+SELECT pg_advisory_xact_lock(%(lock_space)s, emp_id)
+FROM (SELECT DISTINCT unnest(%(emp_ids)s::int[]) AS emp_id ORDER BY emp_id) AS batch
+"""
+EMPLOYEE_LOCKS = 0x62665F65  # first half of the advisory lock keys of LOCK_EMPLOYEES ("bf_e")
+
+# A TRUNCATE waits for every apply in flight (they hold ROW EXCLUSIVE on cdc_applied
+# until they commit) and holds the next ones off; its own statement then sees them all.
+LOCK_ALL_EMPLOYEES = "LOCK TABLE cdc_applied IN EXCLUSIVE MODE"
+
+# A TRUNCATE numbered T removed every row whose newest change is older than T, and
+# every change older than T was made before it: the watermark in cdc_truncated makes
+# APPLY skip those, wherever and whenever they arrive. A row changed after the
+# TRUNCATE (newer than T), applied already, stays.
+APPLY_TRUNCATE = """
+WITH watermark AS (
+    INSERT INTO cdc_truncated AS truncated (id, action_id) VALUES (1, %(action_id)s)
+    ON CONFLICT (id) DO UPDATE SET action_id = excluded.action_id
+        WHERE truncated.action_id < excluded.action_id
+),
+tombstones AS (
+    UPDATE cdc_applied SET last_action_id = %(action_id)s, deleted = true
+    WHERE last_action_id < %(action_id)s
+)
+DELETE FROM employees
+WHERE emp_id NOT IN (SELECT emp_id FROM cdc_applied WHERE last_action_id > %(action_id)s)
+"""
+
 # Each employee's newest change in the batch is applied if it is newer than the one
-# applied before (ON CONFLICT ... WHERE); the statement returns those applied.
-# Rows are written in emp_id order so that concurrent consumers lock in one order.
+# applied before (ON CONFLICT ... WHERE) and than the last TRUNCATE; the statement
+# returns those applied. Rows are written in emp_id order, as they were locked.
 APPLY = """
 WITH incoming AS (
     SELECT DISTINCT ON (emp_id) *
     FROM jsonb_to_recordset(%(changes)s::jsonb) AS change(
         action_id BIGINT, action TEXT, emp_id INT, first_name TEXT, last_name TEXT,
         dob DATE, city TEXT, salary INT)
+    WHERE action_id > COALESCE((SELECT action_id FROM cdc_truncated WHERE id = 1), 0)
     ORDER BY emp_id, action_id DESC
 ),
 newest AS (
@@ -80,17 +115,42 @@ def parse_change(message):
     key, value = message.key(), message.value()
     if not value:
         raise InvalidChange("empty message")
-    if key is None:
-        raise InvalidChange("message has no key (expected the emp_id)")
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as error:
         raise InvalidChange(f"value is not UTF-8: {error}") from None
     change = Change.from_json(text)
     if key != change.key:
-        raise InvalidChange(f"key {key.decode('utf-8', 'replace')!r} does not match "
-                            f"emp_id {change.emp_id}")
+        if key is None:
+            raise InvalidChange("message has no key (expected the emp_id)")
+        expected = "a TRUNCATE, which has none" if change.key is None else f"emp_id {change.emp_id}"
+        raise InvalidChange(f"key {key[:80].decode('utf-8', 'replace')!r} does not match {expected}")
     return change
+
+
+def lock_employees(cursor, changes):
+    """Locks what the changes will write, before they are applied: every employee
+    for a TRUNCATE, else theirs."""
+    if any(change.action == TRUNCATE for change in changes):
+        cursor.execute(LOCK_ALL_EMPLOYEES)
+    else:
+        cursor.execute(LOCK_EMPLOYEES, {"lock_space": EMPLOYEE_LOCKS,
+                                        "emp_ids": [change.emp_id for change in changes]})
+
+
+def apply_changes(cursor, changes):
+    """Applies the changes, locked by lock_employees(), in the cursor's transaction;
+    returns {emp_id: action_id} of the changes applied."""
+    for change in changes:
+        if change.action == TRUNCATE:
+            cursor.execute(APPLY_TRUNCATE, {"action_id": change.action_id})
+    rows = [change for change in changes if change.action != TRUNCATE]
+    if not rows:
+        return {}
+    # PostgreSQL reads the changes as Python validated them, written anew, never the
+    # bytes that came: those may hold fields, nesting or escapes it reads otherwise.
+    cursor.execute(APPLY, {"changes": "[" + ",".join(change.to_json_text() for change in rows) + "]"})
+    return dict(cursor.fetchall())
 
 
 def where(message):
@@ -115,8 +175,11 @@ class CdcConsumer:
         if settings.instance_id:
             group["group.instance.id"] = settings.instance_id
         self.kafka = Consumer(config.kafka_config(settings, **group))
-        self.dlq = Producer(config.producer_config(settings, "cdc-consumer-dlq"))
+        self.dlq = self.new_dlq_producer()
         self.db = None  # connected on first use, so a destination that is down is retried
+
+    def new_dlq_producer(self):
+        return Producer(config.producer_config(self.settings, "cdc-consumer-dlq"))
 
     def run(self):
         settings = self.settings
@@ -139,6 +202,12 @@ class CdcConsumer:
             except config.ConfigError:
                 self.kafka.close()
                 raise
+            except config.FatalKafkaError as error:
+                failures += 1
+                log.error("DLQ producer failed for good (%s); the batch is consumed again "
+                          "with a new one", error)
+                self.dlq = self.new_dlq_producer()
+                self.stop.sleep(config.backoff_delay(settings, failures))
             except Exception:
                 failures += 1
                 log.exception("Unexpected error; the batch will be consumed again")
@@ -232,13 +301,16 @@ class CdcConsumer:
 
     def apply_one_by_one(self, batch):
         """After bad data failed the batch: each change under a savepoint, so that the
-        good ones commit and the bad ones are returned for the DLQ."""
+        good ones commit and the bad ones are returned for the DLQ. The batch's
+        employees are locked first, all at once and in order, as apply() does."""
         applied, rejected, good = {}, [], []
+        with self.db.cursor() as cursor:
+            lock_employees(cursor, [change for _, change in batch])
         for message, change in batch:
             with self.db.cursor() as cursor:
                 cursor.execute("SAVEPOINT one_change")
                 try:
-                    applied.update(self.execute_apply([(message, change)]))
+                    applied.update(apply_changes(cursor, [change]))
                     good.append((message, change))
                 except UNREACHABLE:
                     raise
@@ -252,14 +324,17 @@ class CdcConsumer:
         return rejected
 
     def execute_apply(self, batch):
-        # The values were parsed and validated already; PostgreSQL reads them as they came.
-        changes = b"[" + b",".join(message.value() for message, _ in batch) + b"]"
+        changes = [change for _, change in batch]
         with self.db.cursor() as cursor:
-            cursor.execute(APPLY, {"changes": changes.decode("utf-8")})
-            return dict(cursor.fetchall())
+            lock_employees(cursor, changes)
+            return apply_changes(cursor, changes)
 
     def log_applied(self, batch, applied):
         for _, change in config.logged(log, batch):
+            if change.action == TRUNCATE:
+                log.info("TRUNCATE operation completed: every row not changed since is deleted "
+                         "(%s)", change)
+                continue
             if applied.get(change.emp_id) == change.action_id:
                 log.info("%s operation completed for emp_id=%d", change.action, change.emp_id)
             else:
@@ -315,11 +390,12 @@ class CdcConsumer:
     def connect(self):
         self.db = config.connect(self.settings, "dest", application_name="cdc-consumer")
         with self.db.cursor() as cursor:
-            cursor.execute("SELECT to_regclass('employees'), to_regclass('cdc_applied')")
+            cursor.execute("SELECT to_regclass('employees'), to_regclass('cdc_applied'), "
+                           "to_regclass('cdc_truncated')")
             if None in cursor.fetchone():
                 raise config.ConfigError(
                     f"destination database {config.database_name(self.settings, 'dest')} has no "
-                    "employees or cdc_applied table (apply scripts/destination/init.sql)")
+                    "employees, cdc_applied or cdc_truncated table (apply scripts/destination/init.sql)")
         self.db.commit()
 
     def disconnect(self):

@@ -4,6 +4,8 @@ A change travels as one flat JSON object:
     {"action_id": 7, "emp_id": 1, "first_name": "John", "last_name": "Doe",
      "dob": "1990-01-01", "city": "New York", "salary": 75000, "action": "INSERT"}
 Every field is required; all but action_id, emp_id and action may be null.
+A TRUNCATE of the table travels as one change with action "TRUNCATE", its action_id,
+and every employee field null; its Kafka key is null.
 Validation raises InvalidChange with a message that names the field.
 """
 
@@ -13,7 +15,8 @@ import re
 from datetime import date
 from dataclasses import dataclass, fields
 
-ACTIONS = ("INSERT", "UPDATE", "DELETE")
+TRUNCATE = "TRUNCATE"
+ACTIONS = ("INSERT", "UPDATE", "DELETE", TRUNCATE)
 TEXT_MAX_LENGTH = 100  # VARCHAR(100) in scripts/source/init.sql and scripts/destination/init.sql
 INT_MIN, INT_MAX = -2**31, 2**31 - 1  # PostgreSQL INT
 BIGINT_MAX = 2**63 - 1
@@ -21,8 +24,7 @@ BIGINT_MAX = 2**63 - 1
 # PostgreSQL prints dates as YYYY-MM-DD (DateStyle ISO), with more year digits after
 # 9999, " BC" before year 1, and the special values infinity and -infinity.
 _DATE = re.compile(r"(\d{4,})-(\d{2})-(\d{2})( BC)?")
-
-
+SHOWN_MAX = 80  # characters of a bad value an error shows: a hostile one may be megabytes
 
 
 class InvalidChange(ValueError):
@@ -34,9 +36,29 @@ def _reject_constant(name):
     raise InvalidChange(f"malformed JSON: {name} is not a JSON value")
 
 
+def _unique_fields(pairs):
+    # Python keeps the last of a repeated field and so does PostgreSQL's jsonb, but
+    # which one the sender meant is anyone's guess: refused.
+    data = dict(pairs)
+    if len(data) < len(pairs):
+        seen = set()
+        repeated = next(name for name, _ in pairs if name in seen or seen.add(name))
+        raise InvalidChange(f"malformed JSON: field {_shown(repeated)} appears more than once")
+    return data
+
+
+def _shown(value):
+    """A value for an error message, as JSON, cut short if long."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (ValueError, RecursionError):
+        text = type(value).__name__
+    return text if len(text) <= SHOWN_MAX else f"{text[:SHOWN_MAX]}... ({len(text)} characters)"
+
+
 # Made once: json.dumps and json.loads with options build a new one on every call.
 _ENCODER = json.JSONEncoder(ensure_ascii=False)
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_unique_fields)
 
 
 def _check_int(field, value, low, high, nullable):
@@ -45,35 +67,47 @@ def _check_int(field, value, low, high, nullable):
             raise InvalidChange(f"{field}: missing or null")
         return
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidChange(f"{field}: expected an integer, got {json.dumps(value)}")
+        raise InvalidChange(f"{field}: expected an integer, got {_shown(value)}")
     if not low <= value <= high:
-        raise InvalidChange(f"{field}: {value} is out of range ({low} to {high})")
+        raise InvalidChange(f"{field}: {_shown(value)} is out of range ({low} to {high})")
 
 
 def _check_text(field, value):
     if value is None:
         return
     if not isinstance(value, str):
-        raise InvalidChange(f"{field}: expected a string or null, got {json.dumps(value)}")
+        raise InvalidChange(f"{field}: expected a string or null, got {_shown(value)}")
     if len(value) > TEXT_MAX_LENGTH:
         raise InvalidChange(f"{field}: {len(value)} characters, longer than the column's "
                             f"{TEXT_MAX_LENGTH}")
+    _check_characters(field, value)
+
+
+def _check_characters(field, value):
+    # JSON can carry both, PostgreSQL text holds neither, and a lone surrogate cannot
+    # even be written back as UTF-8.
+    if "\x00" in value:
+        raise InvalidChange(f"{field}: contains the character U+0000, which PostgreSQL text cannot hold")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidChange(f"{field}: contains a lone UTF-16 surrogate, which is not a character") from None
 
 
 def _check_date(field, value):
     if value is None or value in ("infinity", "-infinity"):
         return
     if not isinstance(value, str):
-        raise InvalidChange(f"{field}: expected an ISO date string or null, got {json.dumps(value)}")
+        raise InvalidChange(f"{field}: expected an ISO date string or null, got {_shown(value)}")
     if len(value) == 10 and value[4] == value[7] == "-":
         try:
             date.fromisoformat(value)  # the common case, checked at C speed
             return
         except ValueError:
             pass
-    match = _DATE.fullmatch(value)
+    match = _DATE.fullmatch(value) if len(value) <= SHOWN_MAX else None
     if not match:
-        raise InvalidChange(f"{field}: {value!r} is not a date in YYYY-MM-DD form")
+        raise InvalidChange(f"{field}: {_shown(value)} is not a date in YYYY-MM-DD form")
     year, month, day = int(match[1]), int(match[2]), int(match[3])
     # 1 BC is year 0 of the proleptic Gregorian calendar, so it is a leap year.
     leap = calendar.isleap(1 - year if match[4] else year)
@@ -105,32 +139,43 @@ CHANGE_FIELDS = ("action_id", *EMPLOYEE_FIELDS, "action")
 @dataclass(slots=True)
 class Change:
     """One captured INSERT, UPDATE or DELETE: the row as the change left it (for a
-    DELETE, as it was), numbered by action_id in the order the source made them."""
+    DELETE, as it was), numbered by action_id in the order the source made them.
+    Or a TRUNCATE, which has no employee."""
 
     action_id: int
     action: str
-    employee: Employee
+    employee: Employee | None
 
     def __post_init__(self):
         _check_int("action_id", self.action_id, 1, BIGINT_MAX, nullable=False)
         if self.action not in ACTIONS:
-            raise InvalidChange(f"action: {json.dumps(self.action)} is not one of {', '.join(ACTIONS)}")
+            raise InvalidChange(f"action: {_shown(self.action)} is not one of {', '.join(ACTIONS)}")
 
     @property
     def emp_id(self):
-        return self.employee.emp_id
+        return None if self.employee is None else self.employee.emp_id
 
     @property
     def key(self):
-        """The Kafka key: emp_id as UTF-8 text, so one employee's changes share a partition."""
-        return str(self.emp_id).encode()
+        """The Kafka key: emp_id as UTF-8 text, so one employee's changes share a
+        partition; None for a TRUNCATE, which concerns them all."""
+        return None if self.employee is None else str(self.emp_id).encode()
+
+    @classmethod
+    def _of(cls, action_id, action, employee_fields):
+        if action != TRUNCATE:
+            return cls(action_id, action, Employee(*employee_fields))
+        named = [name for name, value in zip(EMPLOYEE_FIELDS, employee_fields) if value is not None]
+        if named:
+            raise InvalidChange(f"{', '.join(named)}: a TRUNCATE has no employee, expected null")
+        return cls(action_id, action, None)
 
     @classmethod
     def from_row(cls, row):
         """From an emp_cdc row selected as (action_id, <employee fields>, action),
         with dob as text."""
         action_id, *employee, action = row
-        return cls(action_id, action, Employee(*employee))
+        return cls._of(action_id, action, employee)
 
     @classmethod
     def from_dict(cls, data):
@@ -139,27 +184,37 @@ class Change:
         missing = [name for name in CHANGE_FIELDS if name not in data]
         if missing:
             raise InvalidChange(f"{', '.join(missing)}: missing")
-        employee = Employee(data["emp_id"], data["first_name"], data["last_name"], data["dob"],
-                            data["city"], data["salary"])
-        return cls(data["action_id"], data["action"], employee)
+        return cls._of(data["action_id"], data["action"], [data[name] for name in EMPLOYEE_FIELDS])
 
     @classmethod
     def from_json(cls, text):
+        """The change a JSON text holds. Whatever a hostile text makes parsing or
+        validation raise becomes InvalidChange: RecursionError for deep nesting,
+        ValueError for a number of thousands of digits, and anything else."""
         try:
-            data = _DECODER.decode(text)
+            return cls.from_dict(_DECODER.decode(text))
+        except InvalidChange:
+            raise
         except json.JSONDecodeError as error:
             raise InvalidChange(f"malformed JSON: {error}") from None
-        return cls.from_dict(data)
+        except Exception as error:
+            raise InvalidChange(f"unreadable JSON: {type(error).__name__}: "
+                                f"{str(error)[:SHOWN_MAX * 2]}") from None
 
     def to_dict(self):
         employee = self.employee
+        if employee is None:
+            return {"action_id": self.action_id, **dict.fromkeys(EMPLOYEE_FIELDS), "action": self.action}
         return {"action_id": self.action_id, "emp_id": employee.emp_id,
                 "first_name": employee.first_name, "last_name": employee.last_name,
                 "dob": employee.dob, "city": employee.city, "salary": employee.salary,
                 "action": self.action}
 
+    def to_json_text(self):
+        return _ENCODER.encode(self.to_dict())
+
     def to_json(self):
-        return _ENCODER.encode(self.to_dict()).encode()
+        return self.to_json_text().encode()
 
     def __str__(self):
         return f"action_id={self.action_id}, emp_id={self.emp_id}, action={self.action}"

@@ -116,7 +116,7 @@ class CdcProducer:
     def __init__(self, settings, stop):
         self.settings = settings
         self.stop = stop
-        self.kafka = Producer(config.producer_config(settings, "cdc-producer"))
+        self.kafka = self.new_kafka_producer()
         self.db = None  # autocommit: the producer lock, the watermark, the looks for changes
         self.reader = None  # reads a batch through a server-side cursor
         self.next_purge = 0  # time.monotonic() of the next purge of emp_cdc
@@ -148,6 +148,12 @@ class CdcProducer:
                 failures = 0
             except config.ConfigError:
                 raise
+            except config.FatalKafkaError as error:
+                failures += 1
+                log.error("Kafka producer failed for good (%s); a new one republishes from the "
+                          "watermark", error)
+                self.kafka = self.new_kafka_producer()
+                self.backoff(failures)
             except (psycopg2.OperationalError, psycopg2.InterfaceError, PublishError) as error:
                 failures += 1
                 log.error("%s; retrying", config.one_line(error))
@@ -158,6 +164,9 @@ class CdcProducer:
                 self.backoff(failures)
         self.disconnect()
         log.info("CDC Producer stopped.")
+
+    def new_kafka_producer(self):
+        return Producer(config.producer_config(self.settings, "cdc-producer"))
 
     def backoff(self, failures):
         self.disconnect()

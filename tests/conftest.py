@@ -154,7 +154,7 @@ class Pipeline:
                         "UPDATE cdc_offset SET last_action_id = 0, snapshot = '1:1:', "
                         "batch_snapshot = NULL, batch_action_id = 0")
         query("dest", "DROP TRIGGER IF EXISTS record_applied ON employees; "
-                      "DROP TABLE IF EXISTS applied_history; TRUNCATE employees, cdc_applied")
+                      "DROP TABLE IF EXISTS applied_history; TRUNCATE employees, cdc_applied, cdc_truncated")
 
     @staticmethod
     def record_applied():

@@ -66,7 +66,7 @@ def test_flag_beats_environment_beats_dotenv(services, tmp_path, where):
 @pytest.mark.parametrize("setting, value, message", [
     ("SOURCE_DB_PORT", "abc", "Error: SOURCE_DB_PORT: 'abc' is not a valid int"),
     ("BATCH_SIZE", "0", "Error: BATCH_SIZE: '0' is below the minimum of 1"),
-    ("KAFKA_CONFIG", "acks", "Error: KAFKA_CONFIG: 'acks' is not key=value"),
+    ("KAFKA_CONFIG", "acks", "Error: KAFKA_CONFIG: item 1 is not key=value"),
     ("LOG_LEVEL", "LOUD", "Error: LOG_LEVEL: 'LOUD' is not one of DEBUG, INFO, WARNING, ERROR"),
 ])
 def test_a_bad_setting_is_one_line_and_exit_1(setting, value, message):
@@ -107,8 +107,8 @@ def test_consumer_refuses_a_destination_without_its_tables(pipeline):
                            b'"dob": null, "city": null, "salary": null, "action": "INSERT"}')
     assert consumer.process.wait(30) == 1
     assert consumer.log().splitlines()[-1] == (
-        f"Error: destination database localhost:{PORTS['dest']}/cdc_no_schema has no employees or "
-        "cdc_applied table (apply scripts/destination/init.sql)")
+        f"Error: destination database localhost:{PORTS['dest']}/cdc_no_schema has no employees, "
+        "cdc_applied or cdc_truncated table (apply scripts/destination/init.sql)")
     assert pipeline.messages(pipeline.dlq_topic) == []
 
 

@@ -18,3 +18,10 @@ CREATE TABLE IF NOT EXISTS cdc_applied (
     last_action_id BIGINT NOT NULL,
     deleted        BOOLEAN NOT NULL
 );
+
+-- The newest TRUNCATE applied, by its action_id: every change numbered below it was
+-- made before it, so the consumer skips such a change wherever and whenever it comes.
+CREATE TABLE IF NOT EXISTS cdc_truncated (
+    id        INT PRIMARY KEY CHECK (id = 1),
+    action_id BIGINT NOT NULL
+);

@@ -44,17 +44,10 @@ INSERT INTO cdc_offset (id) VALUES (1) ON CONFLICT (id) DO NOTHING;
 -- Every change is logged as the full row it leaves behind, so applying the newest
 -- change of an employee is enough to reproduce its state.
 -- An UPDATE that changes emp_id is logged as a DELETE of the old key and an INSERT of
--- the new one, as each key has its own order. TRUNCATE is logged as a DELETE of every
--- row (the table is locked exclusively, so the rows read here are exactly those removed).
+-- the new one, as each key has its own order.
 CREATE OR REPLACE FUNCTION log_employee_changes() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP = 'TRUNCATE' THEN
-        INSERT INTO emp_cdc (emp_id, first_name, last_name, dob, city, salary, action)
-        SELECT emp_id, first_name, last_name, dob, city, salary, 'DELETE'
-        FROM employees ORDER BY emp_id;
-        RETURN NULL;
-    END IF;
     -- One test and one INSERT for each kind of row change, the commonest first: this
     -- runs in every writer's transaction (see "Capture cost" in README.md).
     IF TG_OP = 'UPDATE' AND OLD.emp_id = NEW.emp_id THEN
@@ -79,9 +72,24 @@ CREATE OR REPLACE TRIGGER employee_audit_trigger
     AFTER INSERT OR UPDATE OR DELETE ON employees
     FOR EACH ROW EXECUTE FUNCTION log_employee_changes();
 
+-- A TRUNCATE is logged as one change, action 'TRUNCATE', never as a DELETE per row: a
+-- REPEATABLE READ or SERIALIZABLE transaction would list the rows of its old snapshot
+-- and miss those committed since, which the TRUNCATE removes all the same. The trigger
+-- fires once TRUNCATE holds its ACCESS EXCLUSIVE lock, so every change to a row it
+-- removes has a smaller action_id (its writer committed before the lock was granted)
+-- and every later change a larger one: the destination deletes every row whose newest
+-- change is older, and skips every older change still to come.
+CREATE OR REPLACE FUNCTION log_employees_truncate() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO emp_cdc (action) VALUES ('TRUNCATE');
+    RETURN NULL;
+END;
+$$;
+
 CREATE OR REPLACE TRIGGER employee_truncate_trigger
     BEFORE TRUNCATE ON employees
-    FOR EACH STATEMENT EXECUTE FUNCTION log_employee_changes();
+    FOR EACH STATEMENT EXECUTE FUNCTION log_employees_truncate();
 
 -- The producer polls for commits (see producer.py): a NOTIFY would take a lock at
 -- every writer's commit that all writers share, and PostgreSQL refuses PREPARE
