@@ -11,6 +11,7 @@
   python admin.py dlq list --key 103       DLQ records, newest first
   python admin.py dlq count --error connection
   python admin.py dlq replay               republish what is not yet replayed
+  python admin.py load employees.csv       load employees from a CSV file into the source
 
 `dlq replay` marks what it republished with a marker record in the DLQ itself, so a
 second replay does not send it again. Replaying is safe at any time: the consumer
@@ -29,6 +30,7 @@ from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 import config
 import dlq
+import loader
 
 TIMEOUT = 10  # seconds for any answer from Kafka
 REPLAYED = "dlq.replayed"  # header of the marker records `dlq replay` writes
@@ -250,6 +252,12 @@ def dlq_replay(admin, settings):
     return 0
 
 
+# --- loading -------------------------------------------------------------------------
+
+def load_employees(admin, settings):
+    return loader.load(settings, settings.file)
+
+
 # --- command line -------------------------------------------------------------------
 
 def add_command(commands, name, run, help_text):
@@ -304,6 +312,14 @@ def build_parser():
         command.add_argument("--all", action="store_true", help="include records already replayed")
         if name == "list":
             command.add_argument("--limit", type=int, help="only the newest N")
+    command = add_command(commands, "load", load_employees,
+                          "load employees from a CSV file into the source, each row captured "
+                          "and replicated  (python admin.py load employees.csv)")
+    command.add_argument("file", metavar="FILE",
+                         help="CSV with the seed's header (Employee ID,First Name,Last Name,"
+                              "Date of Birth,City,Salary) or the column names")
+    config.add_settings(command, "source")
+
     parser.set_defaults(run=list_topics, all=False)
     return parser
 
@@ -311,7 +327,7 @@ def build_parser():
 def main(argv):
     arguments = build_parser().parse_args(argv)
     config.KAFKA_LOG.disabled = True  # a failure is reported once, as one line
-    settings = config.resolve(arguments, "kafka", "consumer")
+    settings = config.resolve(arguments, "kafka", "consumer", "source")
     admin = AdminClient(config.kafka_config(settings))
     try:
         return settings.run(admin, settings) or 0

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets everything up (scripts/setup.sh), starts producer.py and consumer.py in the
-# background, and shows a row inserted with psql arriving in the destination.
+# background, loads the sample employees.csv if the source has no employees yet, and
+# shows a row inserted with psql arriving in the destination.
 #
 #   scripts/run.sh          set up, start the daemons, demonstrate
 #   scripts/run.sh stop     stop the daemons (scripts/stack.sh down stops the stack)
@@ -10,6 +11,8 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LOGS="$ROOT/.stack/logs"
+SOURCE_PORT=${SOURCE_DB_PORT:-5432}
+DEST_PORT=${DEST_DB_PORT:-5433}
 export PGPASSWORD=postgres
 cd "$ROOT"  # the daemons read .env from their working directory
 
@@ -54,24 +57,43 @@ psql_at() {  # psql_at PORT SQL
     psql -h localhost -p "$1" -U postgres -d postgres -v ON_ERROR_STOP=1 -qAt -c "$2"
 }
 
+wait_for_destination() {  # wait_for_destination SQL-THAT-RETURNS-A-ROW-WHEN-THERE STARTED-NS
+    until [ -n "$(psql_at "$DEST_PORT" "$1")" ]; do
+        if [ $(( ($(date +%s%N) - $2) / 1000000 )) -gt 30000 ]; then
+            echo "Error: the destination did not get it within 30 s; see $LOGS" >&2
+            exit 1
+        fi
+        sleep 0.05
+    done
+    echo $(( ($(date +%s%N) - $2) / 1000000 ))
+}
+
+load_sample() {
+    [ "$(psql_at "$SOURCE_PORT" "SELECT count(*) FROM employees")" = 0 ] || return 0
+    local started count elapsed
+    echo
+    echo "The source has no employees yet: python admin.py load employees.csv (the sample, with 6 rows wrong on purpose)"
+    started=$(date +%s%N)
+    .venv/bin/python admin.py load employees.csv
+    count=$(psql_at "$SOURCE_PORT" "SELECT count(*) FROM employees")
+    elapsed=$(wait_for_destination "SELECT 1 FROM employees HAVING count(*) = $count" "$started")
+    echo "The destination ($DEST_PORT) has all $count after ${elapsed} ms:"
+    psql -h localhost -p "$DEST_PORT" -U postgres -d postgres \
+        -c "SELECT * FROM employees ORDER BY emp_id LIMIT 3"
+}
+
 demonstrate() {
     local emp_id=$((900000 + RANDOM)) started elapsed
     echo
-    echo "Demonstration: INSERT INTO employees ... VALUES ($emp_id, 'Demo', 'User', '1990-01-01', 'New York', 75000) on the source (5432)"
-    psql_at 5432 "DELETE FROM employees WHERE emp_id = $emp_id"
+    echo "Demonstration: INSERT INTO employees ... VALUES ($emp_id, 'Demo', 'User', '1990-01-01', 'New York', 75000) on the source ($SOURCE_PORT)"
+    psql_at "$SOURCE_PORT" "DELETE FROM employees WHERE emp_id = $emp_id"
     started=$(date +%s%N)
-    psql_at 5432 "INSERT INTO employees (emp_id, first_name, last_name, dob, city, salary)
+    psql_at "$SOURCE_PORT" "INSERT INTO employees (emp_id, first_name, last_name, dob, city, salary)
                   VALUES ($emp_id, 'Demo', 'User', '1990-01-01', 'New York', 75000)"
-    until [ -n "$(psql_at 5433 "SELECT 1 FROM employees WHERE emp_id = $emp_id")" ]; do
-        if [ $(( ($(date +%s%N) - started) / 1000000 )) -gt 10000 ]; then
-            echo "Error: the row did not reach the destination within 10 s; see $LOGS" >&2
-            exit 1
-        fi
-    done
-    elapsed=$(( ($(date +%s%N) - started) / 1000000 ))
-    echo "The destination (5433) has it after ${elapsed} ms:"
-    psql -h localhost -p 5433 -U postgres -d postgres -c "SELECT * FROM employees WHERE emp_id = $emp_id"
-    psql_at 5432 "DELETE FROM employees WHERE emp_id = $emp_id"
+    elapsed=$(wait_for_destination "SELECT 1 FROM employees WHERE emp_id = $emp_id" "$started")
+    echo "The destination ($DEST_PORT) has it after ${elapsed} ms:"
+    psql -h localhost -p "$DEST_PORT" -U postgres -d postgres -c "SELECT * FROM employees WHERE emp_id = $emp_id"
+    psql_at "$SOURCE_PORT" "DELETE FROM employees WHERE emp_id = $emp_id"
     echo "Deleted it again on the source; the destination follows."
 }
 
@@ -81,12 +103,13 @@ case ${1:-start} in
         mkdir -p "$LOGS"
         start_daemon producer "Loaded offset"
         start_daemon consumer "Assigned partitions"
+        load_sample
         demonstrate
         echo
         echo "The pipeline is running. Watch it:  tail -f .stack/logs/producer.log .stack/logs/consumer.log"
         echo "Check it:  .venv/bin/python test_pipeline.py     Stop it:  bash scripts/run.sh stop"
         ;;
     stop) stop_daemons ;;
-    -h|--help|help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' ;;
-    *) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    -h|--help|help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' ;;
+    *) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

@@ -32,22 +32,13 @@ die_with_log() {  # die_with_log LOG MESSAGE
 
 # --- prerequisites ----------------------------------------------------------
 
-pg_bindir() {
-    local dir
-    for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
-        [ -x "$dir/initdb" ] && { echo "$dir"; return; }
-    done
-    command -v initdb >/dev/null && dirname "$(command -v initdb)"
-}
+# shellcheck source=scripts/prerequisites.sh
+source "$ROOT/scripts/prerequisites.sh"
 
 check_prerequisites() {
-    local missing=() packages=()
-    command -v java >/dev/null || { missing+=(Java); packages+=(openjdk-17-jre-headless); }
-    command -v mvn >/dev/null || { missing+=(Maven); packages+=(maven); }
-    [ -n "$(pg_bindir)" ] || { missing+=("PostgreSQL server"); packages+=(postgresql); }
-    command -v psql >/dev/null || { missing+=(psql); packages+=(postgresql-client); }
-    if [ ${#missing[@]} -gt 0 ]; then
-        die "missing ${missing[*]}; install with: sudo apt-get install -y ${packages[*]}"
+    missing_prerequisites java maven server psql
+    if [ ${#MISSING[@]} -gt 0 ]; then
+        die "missing ${MISSING[*]}; install with: sudo apt-get install -y ${PACKAGES[*]}"
     fi
 }
 

@@ -1,0 +1,275 @@
+"""Loads employees from a CSV file into the source: `python admin.py load employees.csv`.
+
+The file has a header, the seed's (`Employee ID,First Name,Last Name,Date of Birth,City,
+Salary`) or the column names (`emp_id,first_name,...`); Employee ID may be left out, and
+the source then numbers the employees. Dates are M/D/YYYY (2/3/2002, the seed's) or
+YYYY-MM-DD; spaces around a value are dropped; an empty value is NULL.
+
+The rows go into `employees` with ordinary INSERT and UPDATE statements, so the capture
+trigger logs each one and it replicates. With Employee IDs a row is inserted, updated,
+or left alone when it is unchanged, so loading a file twice changes nothing the second
+time. A bad row is named by its line and reason, and the rest is loaded.
+
+The file is read as a stream, CHUNK_ROWS rows at a time: each chunk is copied into a
+temporary staging table and written to `employees` by one statement, in a transaction
+of its own.
+"""
+
+import csv
+import io
+import os
+import signal
+import sys
+import time
+from contextlib import closing
+from datetime import date
+
+import psycopg2
+
+import config
+from employee import INT_MAX, INT_MIN, TEXT_MAX_LENGTH
+
+CHUNK_ROWS = 20_000
+PROGRESS_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
+
+# Header names, in lower case, and the column each one fills.
+COLUMNS = {"employee id": "emp_id", "first name": "first_name", "last name": "last_name",
+           "date of birth": "dob", "city": "city", "salary": "salary"}
+COLUMNS.update({column: column for column in COLUMNS.values()})
+REQUIRED = ("first_name", "last_name", "dob", "city", "salary")
+FIELDS = ("emp_id", *REQUIRED)
+
+# ON COMMIT DELETE ROWS: each chunk's commit empties it for the next.
+CREATE_STAGING = """
+CREATE TEMP TABLE employees_load (
+    line       BIGINT NOT NULL,
+    emp_id     INT,
+    first_name VARCHAR(100),
+    last_name  VARCHAR(100),
+    dob        DATE,
+    city       VARCHAR(100),
+    salary     INT
+) ON COMMIT DELETE ROWS"""
+
+COPY_STAGING = "COPY employees_load (line, emp_id, first_name, last_name, dob, city, salary) FROM STDIN"
+
+# Before the rows: the ids of the file are never handed out again as defaults, and
+# rows at or below the sequence do not fire employees_emp_id_seq_trigger one by one.
+ADVANCE_SEQUENCE = """
+SELECT employees_emp_id_seq_at_least(max(emp_id)) FROM employees_load HAVING count(*) > 0"""
+
+# Returns (inserted, updated).
+UPSERT = """
+WITH written AS (
+    INSERT INTO employees AS e (emp_id, first_name, last_name, dob, city, salary)
+    -- One row per id, the file's last: ON CONFLICT may touch a row once per statement.
+    SELECT DISTINCT ON (emp_id) emp_id, first_name, last_name, dob, city, salary
+    FROM employees_load
+    ORDER BY emp_id, line DESC
+    ON CONFLICT (emp_id) DO UPDATE
+    SET first_name = EXCLUDED.first_name, last_name = EXCLUDED.last_name,
+        dob = EXCLUDED.dob, city = EXCLUDED.city, salary = EXCLUDED.salary
+    -- An unchanged row is not updated, so no change is captured for it.
+    WHERE (e.first_name, e.last_name, e.dob, e.city, e.salary)
+          IS DISTINCT FROM (EXCLUDED.first_name, EXCLUDED.last_name, EXCLUDED.dob,
+                            EXCLUDED.city, EXCLUDED.salary)
+    -- xmax is 0 on a row version this statement inserted.
+    RETURNING xmax = 0 AS inserted
+)
+SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM written"""
+
+# Without Employee IDs every row is a new employee, numbered by the identity.
+INSERT_NEW = """
+WITH written AS (
+    INSERT INTO employees (first_name, last_name, dob, city, salary)
+    SELECT first_name, last_name, dob, city, salary FROM employees_load ORDER BY line
+    RETURNING 1
+)
+SELECT count(*), 0 FROM written"""
+
+
+class BadRow(ValueError):
+    """A row that cannot be loaded; the message names the column and why."""
+
+
+def _integer(text, name, low=INT_MIN, high=INT_MAX):
+    digits = text[1:] if text[:1] == "-" else text
+    if not (digits.isascii() and digits.isdigit()):
+        raise BadRow(f"{name}: {text!r} is not a whole number")
+    value = int(text)
+    if not low <= value <= high:
+        raise BadRow(f"{name}: {value} is out of range ({low} to {high})")
+    return text
+
+
+def _date(text, name):
+    try:
+        if len(text) == 10 and text[4] == "-" and text[7] == "-":
+            return date.fromisoformat(text).isoformat()
+        month, day, year = text.split("/")
+        if len(year) == 4 and all(part.isascii() and part.isdigit() for part in (month, day, year)):
+            return date(int(year), int(month), int(day)).isoformat()
+    except ValueError:
+        if text.count("/") == 2 or text.count("-") == 2:
+            raise BadRow(f"{name}: {text!r} is not a valid date") from None
+    raise BadRow(f"{name}: {text!r} is not a date (M/D/YYYY or YYYY-MM-DD)")
+
+
+def _text(text, name):
+    if len(text) > TEXT_MAX_LENGTH:
+        raise BadRow(f"{name}: {len(text)} characters, longer than the column's {TEXT_MAX_LENGTH}")
+    # COPY's text format: a backslash, tab, newline or carriage return is escaped.
+    if "\\" in text or "\t" in text or "\n" in text or "\r" in text:
+        text = (text.replace("\\", "\\\\").replace("\t", "\\t")
+                .replace("\n", "\\n").replace("\r", "\\r"))
+    return text
+
+
+CONVERT = {"emp_id": _integer, "first_name": _text, "last_name": _text, "dob": _date,
+           "city": _text, "salary": _integer}
+
+
+class Columns:
+    """Where each column is in the file's rows, from its header."""
+
+    def __init__(self, header, path):
+        self.names = [name.strip() for name in header]
+        columns = [COLUMNS.get(name.lower()) for name in self.names]
+        unknown = [name for name, column in zip(self.names, columns) if column is None]
+        if unknown:
+            raise config.ConfigError(
+                f"{path}: unknown column {unknown[0]!r} in the header; expected "
+                "Employee ID (optional), First Name, Last Name, Date of Birth, City, Salary")
+        missing = [field for field in REQUIRED if field not in columns]
+        if missing or len(set(columns)) != len(columns):
+            raise config.ConfigError(f"{path}: the header must name each of First Name, Last Name, "
+                                     "Date of Birth, City and Salary once")
+        self.has_ids = "emp_id" in columns
+        self.count = len(columns)
+        # (position in the row, column, conversion, the header's name for it)
+        self.order = [(columns.index(field), field, CONVERT[field], self.names[columns.index(field)])
+                      for field in FIELDS if field in columns]
+
+    def copy_line(self, line, values):
+        """The row as a line of COPY text; raises BadRow."""
+        if len(values) != self.count:
+            raise BadRow(f"{len(values)} fields, expected {self.count}")
+        out = [str(line)] if self.has_ids else [str(line), "\\N"]
+        for index, field, convert, name in self.order:
+            text = values[index].strip()
+            if not text:
+                if field == "emp_id":  # an upsert needs it: a second load would add the row again
+                    raise BadRow(f"{name}: missing")
+                out.append("\\N")
+            else:
+                out.append(convert(text, name))
+        return "\t".join(out) + "\n"
+
+
+class Progress:
+    """A bar redrawn on a terminal; otherwise a plain line every PROGRESS_EVERY seconds."""
+
+    def __init__(self, size):
+        self.size = max(size, 1)
+        self.started = self.shown = time.monotonic()
+        self.terminal = sys.stderr.isatty()
+
+    def rate(self, rows):
+        return rows / max(time.monotonic() - self.started, 1e-9)
+
+    def update(self, rows, position):
+        if self.terminal:
+            done = min(position / self.size, 1.0)
+            bar = "#" * int(done * 30)
+            print(f"\r[{bar:<30}] {done:4.0%}  {rows:,} rows  {self.rate(rows):,.0f} rows/s",
+                  end="", file=sys.stderr, flush=True)
+        elif time.monotonic() - self.shown >= PROGRESS_EVERY:
+            self.shown = time.monotonic()
+            print(f"{rows:,} rows read ({self.rate(rows):,.0f} rows/s)", file=sys.stderr, flush=True)
+
+    def interrupt(self):
+        """Ends a bar's line, before another line is printed."""
+        if self.terminal:
+            print("\r\033[K", end="", file=sys.stderr)
+
+
+def load(settings, path):
+    """Loads the CSV file at `path`; returns the exit status."""
+    try:
+        csv_file = open(path, encoding="utf-8-sig", newline="")
+    except OSError as error:
+        raise config.ConfigError(f"{path}: {error.strerror}") from None
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stops as Ctrl+C does
+    try:
+        with csv_file, closing(_connect(settings)) as connection:
+            return _load(connection, csv_file, path, settings)
+    except psycopg2.Error as error:
+        raise config.ConfigError(f"source database at {config.database_name(settings, 'source')}: "
+                                 f"{config.one_line(error)}") from None
+
+
+def _connect(settings):
+    connection = config.connect(settings, "source")
+    with connection.cursor() as cursor:
+        cursor.execute(CREATE_STAGING)
+    return connection
+
+
+def _load(connection, csv_file, path, settings):
+    reader = csv.reader(csv_file, skipinitialspace=True)  # also before a quoted value
+    header = next(reader, None)
+    if header is None:
+        raise config.ConfigError(f"{path}: empty file, no header")
+    columns = Columns(header, path)
+    progress = Progress(os.fstat(csv_file.fileno()).st_size)
+    read = bad = inserted = updated = 0
+    chunk = []
+    line = loaded_to = 1  # the line read last; the last line of the last chunk committed
+    try:
+        for values in reader:
+            line = reader.line_num
+            if not values:
+                continue  # a blank line
+            read += 1
+            try:
+                chunk.append(columns.copy_line(line, values))
+            except BadRow as error:
+                bad += 1
+                progress.interrupt()
+                print(f"{path} line {line}: {error}", file=sys.stderr)
+            if len(chunk) == CHUNK_ROWS:
+                inserted, updated = _write(connection, chunk, columns, inserted, updated)
+                chunk, loaded_to = [], line
+                progress.update(read, csv_file.buffer.tell())
+        inserted, updated = _write(connection, chunk, columns, inserted, updated)
+    except UnicodeDecodeError as error:
+        raise config.ConfigError(f"{path}: not UTF-8 after line {line} ({error.reason}); "
+                                 f"lines 2 to {loaded_to} are loaded") from None
+    except KeyboardInterrupt:
+        progress.interrupt()
+        raise config.ConfigError(f"stopped at line {line} of {path}; lines 2 to {loaded_to} are "
+                                 "loaded, and loading the file again finishes it") from None
+    progress.interrupt()
+    elapsed = time.monotonic() - progress.started
+    loaded = read - bad
+    print(f"Loaded {path} into {config.database_name(settings, 'source')}: {read:,} rows read, "
+          f"{inserted:,} inserted, {updated:,} updated, {loaded - inserted - updated:,} unchanged, "
+          f"{bad:,} bad; {elapsed:.1f} s, {read / max(elapsed, 1e-9):,.0f} rows/s")
+    return 0
+
+
+def _write(connection, chunk, columns, inserted, updated):
+    """Copies a chunk into the staging table and from there into employees; commits.
+    Returns the running counts of inserted and updated rows."""
+    if not chunk:
+        return inserted, updated
+    with connection.cursor() as cursor:
+        cursor.copy_expert(COPY_STAGING, io.StringIO("".join(chunk)))
+        if columns.has_ids:
+            cursor.execute(ADVANCE_SEQUENCE)
+            cursor.execute(UPSERT)
+        else:
+            cursor.execute(INSERT_NEW)
+        new, changed = cursor.fetchone()
+    connection.commit()
+    return inserted + new, updated + changed
