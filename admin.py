@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import (Consumer, ConsumerGroupTopicPartitions, KafkaError,
                              KafkaException, Producer, TopicPartition)
-from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, OffsetSpec
 
 import config
 import dlq
@@ -50,14 +50,17 @@ def list_topics(admin, settings):
 def create_topics(admin, settings):
     contract_partitions = {settings.topic: 3, settings.dlq_topic: 1}
     names = settings.topics or list(contract_partitions)
-    new_topics = [NewTopic(name, settings.partitions or contract_partitions.get(name, 1),
-                           settings.replication_factor) for name in names]
+    replicas = settings.replication_factor or min(len(admin.list_topics(timeout=TIMEOUT).brokers), 3)
+    min_insync = settings.min_insync_replicas or default_min_insync(replicas)
+    new_topics = [NewTopic(name, settings.partitions or contract_partitions.get(name, 1), replicas,
+                           config={"min.insync.replicas": str(min_insync)}) for name in names]
     failed = False
     for topic in new_topics:
         future = admin.create_topics([topic], request_timeout=TIMEOUT)[topic.topic]
         try:
             future.result()
-            print(f"Created topic {topic.topic} ({topic.num_partitions} partitions)")
+            print(f"Created topic {topic.topic} ({topic.num_partitions} partitions, "
+                  f"replication factor {replicas}, min.insync.replicas {min_insync})")
         except KafkaException as error:
             if error.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
                 print(f"Topic {topic.topic} already exists")
@@ -65,6 +68,12 @@ def create_topics(admin, settings):
                 print(f"Error: topic {topic.topic}: {error.args[0].str()}", file=sys.stderr)
                 failed = True
     return 1 if failed else 0
+
+
+def default_min_insync(replicas):
+    """With 3 replicas or more, an acknowledged write is on 2 of them, so one broker
+    may die without losing it, and one may be down without stopping the writes."""
+    return 2 if replicas >= 3 else 1
 
 
 def describe_topics(admin, settings):
@@ -76,10 +85,19 @@ def describe_topics(admin, settings):
         earliest = _offsets(admin, name, partitions, OffsetSpec.earliest())
         latest = _offsets(admin, name, partitions, OffsetSpec.latest())
         print(f"Topic: {name}  partitions: {len(partitions)}  "
+              f"replication factor: {len(partitions[0].replicas)}  "
+              f"min.insync.replicas: {_topic_setting(admin, name, 'min.insync.replicas')}  "
               f"messages: {sum(latest[p.id] - earliest[p.id] for p in partitions)}")
         for p in partitions:
             print(f"  partition {p.id}: leader {p.leader}, replicas {p.replicas}, isr {p.isrs}, "
-                  f"offsets {earliest[p.id]}..{latest[p.id]}")
+                  f"offsets {earliest[p.id]}..{latest[p.id]}"
+                  + ("  UNDER-REPLICATED" if len(p.isrs) < len(p.replicas) else ""))
+
+
+def _topic_setting(admin, topic, key):
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    entries = admin.describe_configs([resource], request_timeout=TIMEOUT)[resource].result()
+    return entries[key].value
 
 
 def _offsets(admin, topic, partitions, spec):
@@ -281,7 +299,12 @@ def build_parser():
                          help="topics to create (default: the main topic and the DLQ)")
     command.add_argument("--partitions", type=int,
                          help="partitions (default: 3 for the main topic, 1 otherwise)")
-    command.add_argument("--replication-factor", type=int, default=1, help="replicas (default: 1)")
+    command.add_argument("--replication-factor", type=int,
+                         help="copies of each partition, one per broker (default: as many as "
+                              "there are brokers, at most 3)")
+    command.add_argument("--min-insync-replicas", type=int,
+                         help="copies a write must reach before it is acknowledged "
+                              "(default: 2 with 3 replicas or more, else 1)")
 
     command = add_command(commands, "describe", describe_topics,
                           "partitions and offsets  (python admin.py describe bf_employee_cdc)")

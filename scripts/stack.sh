@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The local stack without Docker: the source PostgreSQL on 5432, the destination
-# PostgreSQL on 5433 and a single-node Kafka broker (KRaft) on 29092 (controller on
-# 29093). SOURCE_DB_PORT, DEST_DB_PORT and KAFKA_PORT in the environment move them.
+# PostgreSQL on 5433 and a single-node Kafka (KRaft) on 29092 (controller on 29093).
+# SOURCE_DB_PORT, DEST_DB_PORT and KAFKA_PORT in the environment move them.
+# KAFKA_BROKERS=3 makes Kafka a cluster of three nodes, kafka1 to kafka3, on KAFKA_PORT,
+# +2 and +4 (controllers one above each), its topics replicated three times.
 # Everything it writes lives under .stack/ in the repository (git-ignored).
 #
-#   scripts/stack.sh up [source|dest|kafka]...    start (all by default); idempotent
-#   scripts/stack.sh down [source|dest|kafka]...  stop what up started
-#   scripts/stack.sh status                        what runs, exit 1 if anything is down
-#   scripts/stack.sh reset [source|dest|kafka]...  stop and wipe the data (all by default)
+#   scripts/stack.sh up [source|dest|kafka|kafkaN]...    start (all by default); idempotent
+#   scripts/stack.sh down [source|dest|kafka|kafkaN]...  stop what up started
+#   scripts/stack.sh kill [source|dest|kafka|kafkaN]...  stop at once, as a crash would
+#   scripts/stack.sh status                               what runs, exit 1 if anything is down
+#   scripts/stack.sh reset [source|dest|kafka]...         stop and wipe the data (all by default)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -17,10 +20,8 @@ KAFKA_LIBS="$KAFKA_DIR/libs"
 SOURCE_PORT=${SOURCE_DB_PORT:-5432}
 DEST_PORT=${DEST_DB_PORT:-5433}
 KAFKA_PORT=${KAFKA_PORT:-29092}
-CONTROLLER_PORT=$((KAFKA_PORT + 1))
-KAFKA_HEAP=${KAFKA_HEAP:-512m}
+KAFKA_BROKERS=${KAFKA_BROKERS:-1}
 PG_PASSWORD=postgres
-SERVICES=(source dest kafka)
 
 say() { printf '%s\n' "$*"; }
 die() { printf 'Error: %s\n' "$*" >&2; exit 1; }
@@ -29,6 +30,16 @@ die_with_log() {  # die_with_log LOG MESSAGE
     tail -n 20 "$1" >&2 2>/dev/null || true
     die "$2, see $1"
 }
+
+[[ $KAFKA_BROKERS =~ ^[1-9]$ ]] || die "KAFKA_BROKERS: '$KAFKA_BROKERS' is not a number of Kafka nodes from 1 to 9"
+# Each change is kept on up to 3 nodes; with 3, a write needs 2 of them (min.insync.replicas),
+# so one node may die without losing an acknowledged change or stopping the writes.
+REPLICATION=$((KAFKA_BROKERS < 3 ? KAFKA_BROKERS : 3))
+MIN_ISR=$((REPLICATION < 3 ? 1 : 2))
+# Sized so that three nodes and both PostgreSQL servers share 2 cores and a few GB.
+if [ "$KAFKA_BROKERS" = 1 ]; then KAFKA_HEAP=${KAFKA_HEAP:-512m}; else KAFKA_HEAP=${KAFKA_HEAP:-320m}; fi
+SERVICES=(source dest kafka)
+[ "$KAFKA_BROKERS" = 1 ] || SERVICES+=($(seq -f 'kafka%g' "$KAFKA_BROKERS"))
 
 # --- prerequisites ----------------------------------------------------------
 
@@ -56,7 +67,6 @@ wait_for() {  # wait_for SECONDS COMMAND...
 # --- PostgreSQL ---------------------------------------------------------------
 # PostgreSQL refuses to run as root, so as root the servers run as user postgres.
 
-service_port() { case $1 in source) echo $SOURCE_PORT;; dest) echo $DEST_PORT;; kafka) echo $KAFKA_PORT;; esac; }
 pg_init_sql() { case $1 in source) echo "$ROOT/scripts/source/init.sql";; dest) echo "$ROOT/scripts/destination/init.sql";; esac; }
 
 as_pg() {
@@ -126,21 +136,40 @@ EOF
     say "$name PostgreSQL is up on localhost:$port"
 }
 
-pg_down() {
+pg_down() {  # pg_down NAME [TERM|KILL]: KILL stops at once, as a crash would
+    local mode=fast
+    [ "${2:-TERM}" = TERM ] || mode=immediate
     pg_running "$1" || return 0
-    as_pg "$(pg_bindir)/pg_ctl" -D "$(pg_data "$1")" -m fast -w stop >/dev/null
+    as_pg "$(pg_bindir)/pg_ctl" -D "$(pg_data "$1")" -m "$mode" -w stop >/dev/null
     say "$1 PostgreSQL stopped"
 }
 
 # --- Kafka --------------------------------------------------------------------
+# Node N (1 to KAFKA_BROKERS) listens on KAFKA_PORT + 2(N-1), its controller one above.
+# The single node keeps its files in .stack/kafka; a cluster's nodes each have a
+# directory of their own, named after the cluster's first port.
+
+kafka_nodes() { seq 1 "$KAFKA_BROKERS"; }
+broker_port() { echo $((KAFKA_PORT + 2 * ($1 - 1))); }
+controller_port() { echo $(($(broker_port "$1") + 1)); }
+node_name() { if [ "$KAFKA_BROKERS" = 1 ]; then echo kafka; else echo "kafka$1"; fi; }
+
+node_dir() {
+    if [ "$KAFKA_BROKERS" = 1 ]; then echo "$KAFKA_DIR"; else echo "$KAFKA_DIR/cluster-$KAFKA_PORT/kafka$1"; fi
+}
+
+addresses() {  # addresses broker_port|controller_port: localhost:PORT of every node, comma-separated
+    local node
+    for node in $(kafka_nodes); do printf 'localhost:%s,' "$("$1" "$node")"; done | sed 's/,$//'
+}
 
 kafka_java() {  # kafka_java MAIN-CLASS ARGS...
     java -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$ROOT/scripts/kafka/log4j2.properties" "$@"
 }
 
-kafka_pid() {
+kafka_pid() {  # kafka_pid NODE
     local pid
-    pid=$(cat "$KAFKA_DIR/kafka.pid" 2>/dev/null) || return 1
+    pid=$(cat "$(node_dir "$1")/kafka.pid" 2>/dev/null) || return 1
     grep -qa kafka.Kafka "/proc/$pid/cmdline" 2>/dev/null && echo "$pid"
 }
 
@@ -157,56 +186,108 @@ kafka_libs() {
 }
 
 kafka_create_topic() {  # kafka_create_topic NAME PARTITIONS
-    kafka_java org.apache.kafka.tools.TopicCommand --bootstrap-server "localhost:$KAFKA_PORT" \
-        --create --if-not-exists --topic "$1" --partitions "$2" --replication-factor 1 >/dev/null
+    kafka_java org.apache.kafka.tools.TopicCommand --bootstrap-server "$(addresses broker_port)" \
+        --create --if-not-exists --topic "$1" --partitions "$2" \
+        --replication-factor "$REPLICATION" --config min.insync.replicas="$MIN_ISR" >/dev/null
 }
 
-kafka_started() { grep -q "Kafka Server started" "$KAFKA_DIR/kafka.log" && port_open $KAFKA_PORT; }
+kafka_started() { grep -q "Kafka Server started" "$(node_dir "$1")/kafka.log" && port_open "$(broker_port "$1")"; }
 
-kafka_up() {
-    local fresh=
+kafka_formatted() {  # kafka_formatted: every node (0), none (1); partly is an error
+    local node count=0
+    for node in $(kafka_nodes); do
+        [ -f "$(node_dir "$node")/data/meta.properties" ] && count=$((count + 1))
+    done
+    [ "$count" = "$KAFKA_BROKERS" ] && return 0
+    [ "$count" = 0 ] || die "only $count of the $KAFKA_BROKERS Kafka nodes have data; wipe them all with: scripts/stack.sh reset kafka"
+    return 1
+}
+
+kafka_format() {
+    # Kafka's own generator: a home-made id that starts with '-' (1 in 64)
+    # reads as an option and the format fails.
+    local cluster_id node dir quorum=() voters=
+    cluster_id=$(kafka_java kafka.tools.StorageTool random-uuid | tail -n 1) \
+        || die "kafka-storage random-uuid failed"
+    if [ "$KAFKA_BROKERS" = 1 ]; then
+        quorum=(--standalone)
+    else
+        # Every node is a voter of the controller quorum from the start (dynamic quorum,
+        # KIP-853): id@host:port:directory-id of each, the same list on each node.
+        for node in $(kafka_nodes); do
+            voters+="$node@localhost:$(controller_port "$node"):$(kafka_java kafka.tools.StorageTool random-uuid | tail -n 1),"
+        done
+        quorum=(--initial-controllers "${voters%,}")
+    fi
+    for node in $(kafka_nodes); do
+        dir=$(node_dir "$node")
+        port_open "$(broker_port "$node")" && die "port $(broker_port "$node") is already in use by another program"
+        mkdir -p "$dir"
+        rm -rf "$dir/data"
+        sed -e "s|@DATA_DIR@|$dir/data|" -e "s|@NODE_ID@|$node|" \
+            -e "s|@KAFKA_PORT@|$(broker_port "$node")|" -e "s|@CONTROLLER_PORT@|$(controller_port "$node")|" \
+            -e "s|@QUORUM@|$(addresses controller_port)|" \
+            -e "s|@REPLICATION@|$REPLICATION|" -e "s|@MIN_ISR@|$MIN_ISR|" \
+            "$ROOT/scripts/kafka/server.properties" >"$dir/server.properties"
+        kafka_java kafka.tools.StorageTool format "${quorum[@]}" --cluster-id "$cluster_id" \
+            --config "$dir/server.properties" >"$dir/format.log" 2>&1 \
+            || die_with_log "$dir/format.log" "formatting the Kafka log directory of $(node_name "$node") failed"
+    done
+}
+
+kafka_start() {  # kafka_start NODE: launches it, without waiting
+    local node=$1 dir
+    dir=$(node_dir "$node")
+    kafka_pid "$node" >/dev/null && return
+    port_open "$(broker_port "$node")" && die "port $(broker_port "$node") is already in use by another program"
+    # setsid: the broker outlives the shell that started it, and its Ctrl+C.
+    KAFKA_HEAP_OPTS= setsid java -Xms"$KAFKA_HEAP" -Xmx"$KAFKA_HEAP" -Djava.awt.headless=true \
+        -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$ROOT/scripts/kafka/log4j2.properties" \
+        kafka.Kafka "$dir/server.properties" >"$dir/kafka.log" 2>&1 </dev/null &
+    echo $! >"$dir/kafka.pid"
+}
+
+kafka_up() {  # kafka_up NODE...: the nodes of a cluster start together, as each waits for a quorum
+    local node topics_due
     mkdir -p "$KAFKA_DIR"
     kafka_libs
-    if [ ! -f "$KAFKA_DIR/data/meta.properties" ]; then
-        port_open $KAFKA_PORT && die "port $KAFKA_PORT is already in use by another program"
-        rm -rf "$KAFKA_DIR/data"
-        sed -e "s|@DATA_DIR@|$KAFKA_DIR/data|" -e "s|@KAFKA_PORT@|$KAFKA_PORT|" \
-            -e "s|@CONTROLLER_PORT@|$CONTROLLER_PORT|" "$ROOT/scripts/kafka/server.properties" >"$KAFKA_DIR/server.properties"
-        # Kafka's own generator: a home-made id that starts with '-' (1 in 64)
-        # reads as an option and the format fails.
-        local cluster_id
-        cluster_id=$(kafka_java kafka.tools.StorageTool random-uuid | tail -n 1) \
-            || die "kafka-storage random-uuid failed"
-        kafka_java kafka.tools.StorageTool format --standalone --cluster-id "$cluster_id" \
-            --config "$KAFKA_DIR/server.properties" >"$KAFKA_DIR/format.log" 2>&1 \
-            || die_with_log "$KAFKA_DIR/format.log" "formatting the Kafka log directory failed"
-        fresh=1
-    fi
-    if ! kafka_pid >/dev/null; then
-        port_open $KAFKA_PORT && die "port $KAFKA_PORT is already in use by another program"
-        # setsid: the broker outlives the shell that started it, and its Ctrl+C.
-        KAFKA_HEAP_OPTS= setsid java -Xms"$KAFKA_HEAP" -Xmx"$KAFKA_HEAP" -Djava.awt.headless=true \
-            -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$ROOT/scripts/kafka/log4j2.properties" \
-            kafka.Kafka "$KAFKA_DIR/server.properties" >"$KAFKA_DIR/kafka.log" 2>&1 </dev/null &
-        echo $! >"$KAFKA_DIR/kafka.pid"
-        wait_for 90 kafka_started \
-            || die_with_log "$KAFKA_DIR/kafka.log" "Kafka did not start within 90 s"
-    fi
-    if [ -n "$fresh" ]; then
+    # Until the topics exist: a start that failed after the format creates them next time.
+    topics_due="$(node_dir 1)/topics.due"
+    kafka_formatted || { kafka_format; touch "$topics_due"; }
+    for node in "$@"; do kafka_start "$node"; done
+    for node in "$@"; do
+        wait_for 180 kafka_started "$node" \
+            || die_with_log "$(node_dir "$node")/kafka.log" "$(node_name "$node") did not start within 180 s"
+    done
+    if [ -f "$topics_due" ]; then
         kafka_create_topic bf_employee_cdc 3
         kafka_create_topic bf_employee_cdc_dlq 1
-        say "Created topics bf_employee_cdc (3 partitions) and bf_employee_cdc_dlq (1 partition)"
+        say "Created topics bf_employee_cdc (3 partitions) and bf_employee_cdc_dlq (1 partition)," \
+            "replication factor $REPLICATION, min.insync.replicas $MIN_ISR"
+        rm "$topics_due"
     fi
-    say "Kafka is up on localhost:$KAFKA_PORT"
+    if [ "$KAFKA_BROKERS" = 1 ]; then
+        say "Kafka is up on localhost:$KAFKA_PORT"
+    else
+        for node in "$@"; do say "$(node_name "$node") is up on localhost:$(broker_port "$node")"; done
+        say "KAFKA_BOOTSTRAP_SERVERS=$(addresses broker_port)"
+    fi
 }
 
-kafka_down() {
-    local pid
-    pid=$(kafka_pid) || return 0
-    kill -TERM "$pid"
-    wait_for 60 bash -c "! kill -0 $pid 2>/dev/null" || kill -KILL "$pid"
-    rm -f "$KAFKA_DIR/kafka.pid"
-    say "Kafka stopped"
+kafka_down() {  # kafka_down SIGNAL NODE...: all signalled first, so none waits for the others
+    local signal=$1 node pid pids=()
+    shift
+    for node in "$@"; do
+        pid=$(kafka_pid "$node") || continue
+        kill "-$signal" "$pid"
+        pids+=("$node:$pid")
+    done
+    for node in "${pids[@]}"; do
+        pid=${node#*:}; node=${node%%:*}
+        wait_for 60 bash -c "! kill -0 $pid 2>/dev/null" || kill -KILL "$pid"
+        rm -f "$(node_dir "$node")/kafka.pid"
+        if [ "$KAFKA_BROKERS" = 1 ]; then say "Kafka stopped"; else say "$(node_name "$node") stopped"; fi
+    done
 }
 
 # --- commands -------------------------------------------------------------------
@@ -221,36 +302,65 @@ check_names() {  # check_names NAME...: all of them known, before any is touched
     done
 }
 
-service_do() {  # service_do up|down NAME
-    case $2 in
-        source|dest) "pg_$1" "$2" ;;
-        kafka) "kafka_$1" ;;
-    esac
+named() {  # named NAME LIST...: whether NAME is in the list
+    local wanted=$1 name
+    shift
+    for name in "$@"; do [ "$name" = "$wanted" ] && return 0; done
+    return 1
+}
+
+nodes_named() {  # nodes_named NAME...: the Kafka nodes the names stand for
+    local name
+    for name in "$@"; do
+        case $name in
+            kafka) kafka_nodes ;;
+            kafka*) echo "${name#kafka}" ;;
+        esac
+    done | sort -un
 }
 
 cmd_up() {
     check_prerequisites
-    local names=("$@") name
-    [ ${#names[@]} -gt 0 ] || names=("${SERVICES[@]}")
-    for name in "${names[@]}"; do service_do up "$name"; done
+    [ $# -gt 0 ] || set -- "${SERVICES[@]}"
+    local name nodes
+    for name in source dest; do named "$name" "$@" && pg_up "$name"; done
+    nodes=($(nodes_named "$@"))
+    [ ${#nodes[@]} -eq 0 ] || kafka_up "${nodes[@]}"
 }
 
-cmd_down() {
-    local names=("$@") name
-    [ ${#names[@]} -gt 0 ] || names=(kafka dest source)
-    for name in "${names[@]}"; do service_do down "$name"; done
+stop_services() {  # stop_services TERM|KILL NAME...: KILL stops as a crash would
+    local signal=$1 name nodes
+    shift
+    [ $# -gt 0 ] || set -- kafka dest source
+    nodes=($(nodes_named "$@"))
+    [ ${#nodes[@]} -eq 0 ] || kafka_down "$signal" "${nodes[@]}"
+    for name in dest source; do named "$name" "$@" && pg_down "$name" "$signal"; done
+    return 0
+}
+
+cmd_down() { stop_services TERM "$@"; }
+cmd_kill() { stop_services KILL "$@"; }
+
+status_names() { echo source dest; for node in $(kafka_nodes); do node_name "$node"; done; }
+
+service_port() {
+    case $1 in
+        source) echo "$SOURCE_PORT" ;;
+        dest) echo "$DEST_PORT" ;;
+        kafka*) broker_port "$(nodes_named "$1")" ;;
+    esac
 }
 
 service_running() {
     case $1 in
         source|dest) [ -n "$(pg_bindir)" ] && [ -d "$STACK/pg/$1" ] && pg_running "$1" ;;
-        kafka) kafka_pid >/dev/null && port_open $KAFKA_PORT ;;
+        kafka*) kafka_pid "$(nodes_named "$1")" >/dev/null && port_open "$(service_port "$1")" ;;
     esac
 }
 
 cmd_status() {
     local name state all_up=0
-    for name in "${SERVICES[@]}"; do
+    for name in $(status_names); do
         if service_running "$name"; then state=up; else state=down; all_up=1; fi
         printf '%-7s %-15s %s\n' "$name" "localhost:$(service_port "$name")" "$state"
     done
@@ -260,22 +370,32 @@ cmd_status() {
 service_wipe() {  # service_wipe NAME: its data, never the Kafka jars
     case $1 in
         source|dest) [ -e "$STACK/pg" ] && rm -rf "$(pg_data "$1")" ;;
-        kafka) rm -rf "$KAFKA_DIR/data" "$KAFKA_DIR/server.properties" "$KAFKA_DIR"/*.log ;;
+        kafka) if [ "$KAFKA_BROKERS" = 1 ]; then
+                   rm -rf "$KAFKA_DIR/data" "$KAFKA_DIR/server.properties" "$KAFKA_DIR"/*.log
+               else
+                   rm -rf "$KAFKA_DIR/cluster-$KAFKA_PORT"
+               fi ;;
     esac
     return 0
 }
 
 cmd_reset() {
-    local names=("$@") name
-    [ ${#names[@]} -gt 0 ] || names=(kafka dest source)
-    cmd_down "${names[@]}"
-    for name in "${names[@]}"; do service_wipe "$name"; done
-    say "Wiped the data of: ${names[*]} (the Kafka jars are kept)"
+    local name
+    [ $# -gt 0 ] || set -- kafka dest source
+    for name in "$@"; do
+        # A node's voter identity is in its data: the cluster is formatted as a whole.
+        [[ $name != kafka?* ]] || die "one node of a cluster cannot be wiped alone; wipe them all with: scripts/stack.sh reset kafka"
+    done
+    cmd_down "$@"
+    for name in "$@"; do service_wipe "$name"; done
+    say "Wiped the data of: $* (the Kafka jars are kept)"
 }
 
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+
 case ${1:-} in
-    up|down|reset) command=$1; shift; check_names "$@"; "cmd_$command" "$@" ;;
+    up|down|kill|reset) command=$1; shift; check_names "$@"; "cmd_$command" "$@" ;;
     status) cmd_status ;;
-    -h|--help|help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' ;;
-    *) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    -h|--help|help) usage ;;
+    *) usage >&2; exit 2 ;;
 esac
