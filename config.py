@@ -29,6 +29,7 @@ class Setting:
     group: str
     kind: type = str
     minimum: float | None = None
+    secret: bool = False  # a password: also read from the file ENV_FILE names, warned of as a flag
 
 
 def _database_settings(side, port):
@@ -39,7 +40,8 @@ def _database_settings(side, port):
         Setting(f"{side}_port", f"{prefix}_DB_PORT", port, f"{label} port", side, int, 1),
         Setting(f"{side}_user", f"{prefix}_DB_USER", "postgres", f"{label} user", side),
         Setting(f"{side}_password", f"{prefix}_DB_PASSWORD", "postgres",
-                f"{label} password (never logged; prefer the environment to a flag)", side),
+                f"{label} password (never logged; {prefix}_DB_PASSWORD_FILE names a file "
+                "holding it instead; a flag is visible to other users)", side, secret=True),
         Setting(f"{side}_db", f"{prefix}_DB_NAME", "postgres", f"{label} database", side),
     ]
 
@@ -102,10 +104,13 @@ def resolve(arguments, *groups):
         flag = getattr(arguments, setting.name, None)
         if flag is not None:
             source, raw = "--" + setting.name.replace("_", "-"), flag
-        elif setting.env in os.environ:
-            source, raw = setting.env, os.environ[setting.env]
-        elif from_file.get(setting.env) is not None:
-            source, raw = f"{setting.env} in {dotenv_path}", from_file[setting.env]
+            if setting.secret:
+                print(f"Warning: {source} on the command line is visible to other users of this "
+                      f"machine (ps); prefer {setting.env}_FILE or the environment", file=sys.stderr)
+        elif found := _lookup(setting, os.environ, ""):
+            source, raw = found
+        elif found := _lookup(setting, from_file, f" in {dotenv_path}"):
+            source, raw = found
         else:
             values[setting.name] = setting.default
             continue
@@ -115,6 +120,28 @@ def resolve(arguments, *groups):
     if "kafka_config" in values:
         resolved.kafka_config = _parse_kafka_config(values["kafka_config"])
     return resolved
+
+
+def _lookup(setting, variables, where):
+    """(source, raw value) of a setting in the environment or .env, or None. A secret
+    may instead name a file that holds it in ENV_FILE (Docker's secrets convention)."""
+    file_variable = setting.env + "_FILE"
+    if setting.secret and variables.get(file_variable) is not None:
+        if variables.get(setting.env) is not None:
+            raise ConfigError(f"{setting.env} and {file_variable}{where} are both set; give one")
+        return f"{file_variable}{where}", _read_secret(file_variable, variables[file_variable])
+    if variables.get(setting.env) is not None:
+        return f"{setting.env}{where}", variables[setting.env]
+    return None
+
+
+def _read_secret(file_variable, path):
+    try:
+        with open(path, encoding="utf-8") as secret_file:
+            return secret_file.read().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{file_variable}: cannot read {path!r} "
+                          f"({getattr(error, 'strerror', None) or error})") from None
 
 
 def _convert(setting, source, raw):

@@ -156,7 +156,11 @@ class Pipeline:
         query("dest", "TRUNCATE employees, cdc_applied")
 
     def start(self, script, name=None, args=(), **env):
-        daemon = Daemon(name or Path(script).stem, script, {**self.env, **env}, self.log_dir, args)
+        """Starts a script with env added to the pipeline's (None: removed)."""
+        merged = {**self.env, **env}
+        daemon = Daemon(name or Path(script).stem, script,
+                        {key: value for key, value in merged.items() if value is not None},
+                        self.log_dir, args)
         self.daemons.append(daemon)
         return daemon
 
