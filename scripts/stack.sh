@@ -62,6 +62,17 @@ wait_for() {  # wait_for SECONDS COMMAND...
     done
 }
 
+# The least-privilege roles (scripts/*/roles.sql); on the local stack each role's
+# password is its name unless CDC_PRODUCER_PASSWORD, ... say otherwise.
+pg_roles() {  # pg_roles NAME PORT
+    local roles_sql="$ROOT/scripts/source/roles.sql"
+    [ "$1" = dest ] && roles_sql="$ROOT/scripts/destination/roles.sql"
+    CDC_PRODUCER_PASSWORD=${CDC_PRODUCER_PASSWORD:-cdc_producer} \
+    CDC_CONSUMER_PASSWORD=${CDC_CONSUMER_PASSWORD:-cdc_consumer} \
+    CDC_READER_PASSWORD=${CDC_READER_PASSWORD:-cdc_reader} PGPASSWORD=$PG_PASSWORD \
+        psql -h localhost -p "$2" -U postgres -d postgres -q -v ON_ERROR_STOP=1 -f "$roles_sql" >/dev/null
+}
+
 # --- PostgreSQL ---------------------------------------------------------------
 # PostgreSQL refuses to run as root, so as root the servers run as user postgres.
 
@@ -125,7 +136,7 @@ EOF
     fi
     if [ -n "$fresh" ]; then
         PGPASSWORD=$PG_PASSWORD psql -h localhost -p "$port" -U postgres -d postgres -q \
-            -v ON_ERROR_STOP=1 -f "$(pg_init_sql "$name")" >/dev/null \
+            -v ON_ERROR_STOP=1 -f "$(pg_init_sql "$name")" >/dev/null && pg_roles "$name" "$port" \
             || { pg_down "$name"; rm -rf "$data"; die "$(pg_init_sql "$name") failed on the $name database"; }
     fi
     say "$name PostgreSQL is up on localhost:$port"

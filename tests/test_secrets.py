@@ -10,7 +10,7 @@ MISSING_TOPIC = "no_such_topic_for_secrets"
 
 def test_a_password_file_is_read_without_its_trailing_newline(pipeline, tmp_path):
     secret = tmp_path / "source_password"
-    secret.write_text("postgres\n")
+    secret.write_text("cdc_producer\n")
     producer = pipeline.producer(SOURCE_DB_PASSWORD=None, SOURCE_DB_PASSWORD_FILE=str(secret))
     assert "Loaded offset: 0" in producer.log()
 
