@@ -43,6 +43,15 @@ def _database_settings(side, port):
                 f"{label} password (never logged; {prefix}_DB_PASSWORD_FILE names a file "
                 "holding it instead; a flag is visible to other users)", side, secret=True),
         Setting(f"{side}_db", f"{prefix}_DB_NAME", "postgres", f"{label} database", side),
+        Setting(f"{side}_sslmode", f"{prefix}_DB_SSLMODE", "prefer",
+                f"{label} TLS: disable, prefer (TLS if the server offers it, unverified), "
+                "require, verify-ca or verify-full (the certificate names the host)", side),
+        Setting(f"{side}_sslrootcert", f"{prefix}_DB_SSLROOTCERT", "",
+                f"{label} TLS: the CA certificate file that verifies the server's", side),
+        Setting(f"{side}_sslcert", f"{prefix}_DB_SSLCERT", "",
+                f"{label} TLS: a client certificate file, for a server that asks for one", side),
+        Setting(f"{side}_sslkey", f"{prefix}_DB_SSLKEY", "",
+                f"{label} TLS: the client certificate's private key file", side),
     ]
 
 
@@ -192,12 +201,29 @@ def run_cli(main):
 
 # --- clients ------------------------------------------------------------------
 
+# libpq's refusals that no retry cures: the server's certificate does not verify or
+# name the host, a certificate or key file is missing or unusable, TLS was required
+# of a server that does not offer it, or the sslmode is not one libpq knows.
+TLS_REFUSED = re.compile(r"certificate|private key|does not support SSL|sslmode")
+
+
 def connect(settings, side, **options):
-    """A connection to the source or dest PostgreSQL of the settings."""
-    return psycopg2.connect(
-        host=getattr(settings, f"{side}_host"), port=getattr(settings, f"{side}_port"),
-        user=getattr(settings, f"{side}_user"), password=getattr(settings, f"{side}_password"),
-        dbname=getattr(settings, f"{side}_db"), connect_timeout=5, **options)
+    """A connection to the source or dest PostgreSQL of the settings. A TLS set-up
+    that cannot work is a ConfigError; an unreachable server is left to the caller."""
+    tls_files = {key: getattr(settings, f"{side}_{key}") for key in ("sslrootcert", "sslcert", "sslkey")}
+    try:
+        return psycopg2.connect(
+            host=getattr(settings, f"{side}_host"), port=getattr(settings, f"{side}_port"),
+            user=getattr(settings, f"{side}_user"), password=getattr(settings, f"{side}_password"),
+            dbname=getattr(settings, f"{side}_db"), sslmode=getattr(settings, f"{side}_sslmode"),
+            connect_timeout=5, **{key: path for key, path in tls_files.items() if path}, **options)
+    except psycopg2.OperationalError as error:
+        if not TLS_REFUSED.search(str(error)):
+            raise
+        prefix = side.upper() + "_DB"
+        raise ConfigError(f"{database_name(settings, side)}: {one_line(error)} ({prefix}_SSLMODE="
+                          f"{getattr(settings, f'{side}_sslmode')}, {prefix}_SSLROOTCERT="
+                          f"{tls_files['sslrootcert'] or '(none)'})") from None
 
 
 def database_name(settings, side):
