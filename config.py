@@ -29,6 +29,7 @@ class Setting:
     group: str
     kind: type = str
     minimum: float | None = None
+    secret: bool = False  # a password: also read from the file ENV_FILE names, warned of as a flag
 
 
 def _database_settings(side, port):
@@ -39,8 +40,18 @@ def _database_settings(side, port):
         Setting(f"{side}_port", f"{prefix}_DB_PORT", port, f"{label} port", side, int, 1),
         Setting(f"{side}_user", f"{prefix}_DB_USER", "postgres", f"{label} user", side),
         Setting(f"{side}_password", f"{prefix}_DB_PASSWORD", "postgres",
-                f"{label} password (never logged; prefer the environment to a flag)", side),
+                f"{label} password (never logged; {prefix}_DB_PASSWORD_FILE names a file "
+                "holding it instead; a flag is visible to other users)", side, secret=True),
         Setting(f"{side}_db", f"{prefix}_DB_NAME", "postgres", f"{label} database", side),
+        Setting(f"{side}_sslmode", f"{prefix}_DB_SSLMODE", "prefer",
+                f"{label} TLS: disable, prefer (TLS if the server offers it, unverified), "
+                "require, verify-ca or verify-full (the certificate names the host)", side),
+        Setting(f"{side}_sslrootcert", f"{prefix}_DB_SSLROOTCERT", "",
+                f"{label} TLS: the CA certificate file that verifies the server's", side),
+        Setting(f"{side}_sslcert", f"{prefix}_DB_SSLCERT", "",
+                f"{label} TLS: a client certificate file, for a server that asks for one", side),
+        Setting(f"{side}_sslkey", f"{prefix}_DB_SSLKEY", "",
+                f"{label} TLS: the client certificate's private key file", side),
     ]
 
 
@@ -105,10 +116,13 @@ def resolve(arguments, *groups):
         flag = getattr(arguments, setting.name, None)
         if flag is not None:
             source, raw = "--" + setting.name.replace("_", "-"), flag
-        elif setting.env in os.environ:
-            source, raw = setting.env, os.environ[setting.env]
-        elif from_file.get(setting.env) is not None:
-            source, raw = f"{setting.env} in {dotenv_path}", from_file[setting.env]
+            if setting.secret:
+                print(f"Warning: {source} on the command line is visible to other users of this "
+                      f"machine (ps); prefer {setting.env}_FILE or the environment", file=sys.stderr)
+        elif found := _lookup(setting, os.environ, ""):
+            source, raw = found
+        elif found := _lookup(setting, from_file, f" in {dotenv_path}"):
+            source, raw = found
         else:
             values[setting.name] = setting.default
             continue
@@ -119,6 +133,28 @@ def resolve(arguments, *groups):
         resolved.kafka_config = {**_read_kafka_config_file(values["kafka_config_file"]),
                                  **_parse_kafka_config(values["kafka_config"])}
     return resolved
+
+
+def _lookup(setting, variables, where):
+    """(source, raw value) of a setting in the environment or .env, or None. A secret
+    may instead name a file that holds it in ENV_FILE (Docker's secrets convention)."""
+    file_variable = setting.env + "_FILE"
+    if setting.secret and variables.get(file_variable) is not None:
+        if variables.get(setting.env) is not None:
+            raise ConfigError(f"{setting.env} and {file_variable}{where} are both set; give one")
+        return f"{file_variable}{where}", _read_secret(file_variable, variables[file_variable])
+    if variables.get(setting.env) is not None:
+        return f"{setting.env}{where}", variables[setting.env]
+    return None
+
+
+def _read_secret(file_variable, path):
+    try:
+        with open(path, encoding="utf-8") as secret_file:
+            return secret_file.read().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{file_variable}: cannot read {path!r} "
+                          f"({getattr(error, 'strerror', None) or error})") from None
 
 
 def _convert(setting, source, raw):
@@ -218,14 +254,31 @@ SERVER_KEEPALIVE = ("-c tcp_keepalives_idle=20 -c tcp_keepalives_interval=5 "
                     "-c tcp_keepalives_count=4 -c tcp_user_timeout=40000")
 
 
+# libpq's refusals that no retry cures: the server's certificate does not verify or
+# name the host, a certificate or key file is missing or unusable, TLS was required
+# of a server that does not offer it, or the sslmode is not one libpq knows.
+TLS_REFUSED = re.compile(r"certificate|private key|does not support SSL|sslmode")
+
+
 def connect(settings, side, options="", **parameters):
     """A connection to the source or dest PostgreSQL of the settings; `options` are
-    the server's session settings (-c name=value)."""
-    return psycopg2.connect(
-        host=getattr(settings, f"{side}_host"), port=getattr(settings, f"{side}_port"),
-        user=getattr(settings, f"{side}_user"), password=getattr(settings, f"{side}_password"),
-        dbname=getattr(settings, f"{side}_db"), connect_timeout=5,
-        options=f"{SERVER_KEEPALIVE} {options}".strip(), **KEEPALIVE, **parameters)
+    the server's session settings (-c name=value). A TLS set-up that cannot work is a
+    ConfigError; an unreachable server is left to the caller."""
+    tls_files = {key: getattr(settings, f"{side}_{key}") for key in ("sslrootcert", "sslcert", "sslkey")}
+    try:
+        return psycopg2.connect(
+            host=getattr(settings, f"{side}_host"), port=getattr(settings, f"{side}_port"),
+            user=getattr(settings, f"{side}_user"), password=getattr(settings, f"{side}_password"),
+            dbname=getattr(settings, f"{side}_db"), sslmode=getattr(settings, f"{side}_sslmode"),
+            connect_timeout=5, options=f"{SERVER_KEEPALIVE} {options}".strip(),
+            **{key: path for key, path in tls_files.items() if path}, **KEEPALIVE, **parameters)
+    except psycopg2.OperationalError as error:
+        if not TLS_REFUSED.search(str(error)):
+            raise
+        prefix = side.upper() + "_DB"
+        raise ConfigError(f"{database_name(settings, side)}: {one_line(error)} ({prefix}_SSLMODE="
+                          f"{getattr(settings, f'{side}_sslmode')}, {prefix}_SSLROOTCERT="
+                          f"{tls_files['sslrootcert'] or '(none)'})") from None
 
 
 def database_name(settings, side):

@@ -64,6 +64,65 @@ wait_for() {  # wait_for SECONDS COMMAND...
     done
 }
 
+# --- TLS ----------------------------------------------------------------------
+# A CA of the stack's own, made once with openssl, and signed by it a certificate for
+# localhost (the servers') and one for a client (CN cdc_reader). PostgreSQL serves TLS
+# beside plaintext, so the quick start needs no certificate and a client that asks
+# for verify-full gets it; the tests' SASL_SSL broker serves the same certificate.
+TLS_DIR="$STACK/tls"
+
+tls_sign() {  # tls_sign NAME SUBJECT [EXTENSIONS]: NAME.key and NAME.crt, signed by the CA
+    openssl req -new -newkey rsa:2048 -nodes -subj "$2" -keyout "$TLS_DIR/$1.key" \
+        -out "$TLS_DIR/$1.csr" 2>/dev/null
+    openssl x509 -req -in "$TLS_DIR/$1.csr" -CA "$TLS_DIR/ca.crt" -CAkey "$TLS_DIR/ca.key" \
+        -CAcreateserial -days 3650 -extfile <(printf '%s\n' "${3:-basicConstraints=CA:FALSE}") \
+        -out "$TLS_DIR/$1.crt" 2>/dev/null
+    rm -f "$TLS_DIR/$1.csr"
+    chmod 600 "$TLS_DIR/$1.key"
+}
+
+tls_certificates() {
+    [ -f "$TLS_DIR/client.crt" ] && return
+    command -v openssl >/dev/null || die "missing openssl; install with: sudo apt-get install -y openssl"
+    rm -rf "$TLS_DIR"; mkdir -p "$TLS_DIR"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=cdc local stack CA" \
+        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+        -keyout "$TLS_DIR/ca.key" -out "$TLS_DIR/ca.crt" 2>/dev/null \
+        || die "openssl could not make the stack's CA in $TLS_DIR"
+    chmod 600 "$TLS_DIR/ca.key"
+    tls_sign server "/CN=localhost" "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+        || die "openssl could not make the server certificate in $TLS_DIR"
+    tls_sign client "/CN=cdc_reader" || die "openssl could not make the client certificate in $TLS_DIR"
+    say "Made a CA and certificates for localhost in $TLS_DIR"
+}
+
+pg_tls() {  # pg_tls NAME DATA: TLS on (plaintext still allowed), once; reloads a running server
+    local data=$2 owner=()
+    grep -q '^ssl = on' "$data/postgresql.conf" && return
+    tls_certificates
+    [ "$(id -u)" = 0 ] && owner=(-o postgres -g postgres)
+    install -m 600 "${owner[@]}" "$TLS_DIR/server.crt" "$TLS_DIR/server.key" "$TLS_DIR/ca.crt" "$data/"
+    # ssl_ca_file: a client certificate, if one is presented, must be signed by the CA.
+    cat >>"$data/postgresql.conf" <<EOF
+ssl = on
+ssl_cert_file = 'server.crt'
+ssl_key_file = 'server.key'
+ssl_ca_file = 'ca.crt'
+EOF
+    if pg_running "$1"; then as_pg "$(pg_bindir)/pg_ctl" -D "$data" reload >/dev/null; fi
+}
+
+# The least-privilege roles (scripts/*/roles.sql); on the local stack each role's
+# password is its name unless CDC_PRODUCER_PASSWORD, ... say otherwise.
+pg_roles() {  # pg_roles NAME PORT
+    local roles_sql="$ROOT/scripts/source/roles.sql"
+    [ "$1" = dest ] && roles_sql="$ROOT/scripts/destination/roles.sql"
+    CDC_PRODUCER_PASSWORD=${CDC_PRODUCER_PASSWORD:-cdc_producer} \
+    CDC_CONSUMER_PASSWORD=${CDC_CONSUMER_PASSWORD:-cdc_consumer} \
+    CDC_READER_PASSWORD=${CDC_READER_PASSWORD:-cdc_reader} PGPASSWORD=$PG_PASSWORD \
+        psql -h localhost -p "$2" -U postgres -d postgres -q -v ON_ERROR_STOP=1 -f "$roles_sql" >/dev/null
+}
+
 # --- PostgreSQL ---------------------------------------------------------------
 # PostgreSQL refuses to run as root, so as root the servers run as user postgres.
 
@@ -123,6 +182,7 @@ EOF
     # made before this line gets it too, a running one at its next start.
     grep -q '^max_prepared_transactions' "$data/postgresql.conf" \
         || echo "max_prepared_transactions = 10" | as_pg tee -a "$data/postgresql.conf" >/dev/null
+    pg_tls "$name" "$data"
     if ! pg_running "$name"; then
         port_open "$port" && die "port $port is already in use by another program; stop it and run up again"
         as_pg "$bin/pg_ctl" -D "$data" -l "$root/$name.log" -w -t 60 start >/dev/null \
@@ -130,7 +190,7 @@ EOF
     fi
     if [ -n "$fresh" ]; then
         PGPASSWORD=$PG_PASSWORD psql -h localhost -p "$port" -U postgres -d postgres -q \
-            -v ON_ERROR_STOP=1 -f "$(pg_init_sql "$name")" >/dev/null \
+            -v ON_ERROR_STOP=1 -f "$(pg_init_sql "$name")" >/dev/null && pg_roles "$name" "$port" \
             || { pg_down "$name"; rm -rf "$data"; die "$(pg_init_sql "$name") failed on the $name database"; }
     fi
     say "$name PostgreSQL is up on localhost:$port"

@@ -31,6 +31,18 @@ KAFKA = f"localhost:{os.environ.get('KAFKA_PORT', 29092)}"
 PORTS = {"source": int(os.environ.get("SOURCE_DB_PORT", 5432)),
          "dest": int(os.environ.get("DEST_DB_PORT", 5433))}
 INIT_SQL = {"source": ROOT / "scripts/source/init.sql", "dest": ROOT / "scripts/destination/init.sql"}
+ROLES_SQL = {"source": ROOT / "scripts/source/roles.sql", "dest": ROOT / "scripts/destination/roles.sql"}
+# The least-privilege roles of roles.sql, with the local stack's passwords (their names).
+ROLE_PASSWORDS = {"CDC_PRODUCER_PASSWORD": "cdc_producer", "CDC_CONSUMER_PASSWORD": "cdc_consumer",
+                  "CDC_READER_PASSWORD": "cdc_reader"}
+# Each daemon runs as its own role; the tests' own set-up connects as postgres (connect()).
+DAEMON_ROLES = {
+    "producer.py": {"SOURCE_DB_USER": "cdc_producer", "SOURCE_DB_PASSWORD": "cdc_producer"},
+    "consumer.py": {"DEST_DB_USER": "cdc_consumer", "DEST_DB_PASSWORD": "cdc_consumer"},
+}
+# status and verify (admin.py): the read-only role on both sides.
+READER_ROLE = {"SOURCE_DB_USER": "cdc_reader", "SOURCE_DB_PASSWORD": "cdc_reader",
+               "DEST_DB_USER": "cdc_reader", "DEST_DB_PASSWORD": "cdc_reader"}
 
 
 def connect(side, dbname=TEST_DB):
@@ -56,6 +68,17 @@ def services():
             cursor.execute(f"DROP DATABASE IF EXISTS {TEST_DB} WITH (FORCE)")
             cursor.execute(f"CREATE DATABASE {TEST_DB}")
         query(side, INIT_SQL[side].read_text())
+        apply_roles(side)
+
+
+def apply_roles(side, dbname=TEST_DB):
+    """roles.sql, as psql runs it (it uses psql's variables), with the test passwords."""
+    result = subprocess.run(["psql", "-h", "localhost", "-p", str(PORTS[side]), "-U", "postgres",
+                             "-d", dbname, "-q", "-v", "ON_ERROR_STOP=1", "-f", str(ROLES_SQL[side])],
+                            env={**os.environ, "PGPASSWORD": "postgres", **ROLE_PASSWORDS},
+                            capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        pytest.fail(f"{ROLES_SQL[side]} failed on the {side} database:\n{result.stderr}", pytrace=False)
 
 
 def query(side, sql, params=None, dbname=TEST_DB):
@@ -163,7 +186,11 @@ class Pipeline:
         query("dest", RECORD_APPLIED)
 
     def start(self, script, name=None, args=(), **env):
-        daemon = Daemon(name or Path(script).stem, script, {**self.env, **env}, self.log_dir, args)
+        """Starts a script as its role, with env added to the pipeline's (None: removed)."""
+        merged = {**self.env, **DAEMON_ROLES.get(script, {}), **env}
+        daemon = Daemon(name or Path(script).stem, script,
+                        {key: value for key, value in merged.items() if value is not None},
+                        self.log_dir, args)
         self.daemons.append(daemon)
         return daemon
 

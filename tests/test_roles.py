@@ -1,0 +1,84 @@
+"""The least-privilege roles of scripts/*/roles.sql: each may do its job (the other
+tests run the daemons as these roles) and is refused everything else."""
+
+from contextlib import closing
+
+import psycopg2
+import pytest
+
+from conftest import PORTS, TEST_DB, apply_roles, query
+
+REFUSED = {
+    ("source", "cdc_producer"): [
+        "SELECT * FROM employees",
+        "INSERT INTO employees (emp_id) VALUES (1)",
+        "UPDATE employees SET salary = 0",
+        "DELETE FROM employees",
+        "INSERT INTO emp_cdc (emp_id, action) VALUES (1, 'INSERT')",
+        "UPDATE emp_cdc SET city = 'x'",
+        "DELETE FROM cdc_offset",
+        "CREATE TABLE stolen (id INT)",
+    ],
+    ("dest", "cdc_consumer"): [
+        "TRUNCATE employees",
+        "ALTER TABLE employees ADD COLUMN extra INT",
+        "DROP TABLE cdc_applied",
+        "CREATE TABLE stolen (id INT)",
+        "SELECT * FROM pg_authid",
+    ],
+    ("source", "cdc_reader"): [
+        "INSERT INTO employees (emp_id) VALUES (1)",
+        "DELETE FROM emp_cdc",
+        "UPDATE cdc_offset SET last_action_id = 0",
+        "CREATE TABLE stolen (id INT)",
+    ],
+    ("dest", "cdc_reader"): [
+        "INSERT INTO employees (emp_id) VALUES (1)",
+        "DELETE FROM cdc_applied",
+        "UPDATE employees SET salary = 0",
+        "CREATE TABLE stolen (id INT)",
+    ],
+}
+
+ALLOWED = {
+    ("source", "cdc_producer"): ["SELECT count(*) FROM emp_cdc", "DELETE FROM emp_cdc WHERE false",
+                                 "UPDATE cdc_offset SET last_action_id = last_action_id",
+                                 "SELECT pg_try_advisory_lock(1), pg_current_snapshot()", "LISTEN emp_cdc"],
+    ("dest", "cdc_consumer"): ["INSERT INTO cdc_applied VALUES (1, 1, false)",
+                               "INSERT INTO employees (emp_id) VALUES (1) ON CONFLICT (emp_id) "
+                               "DO UPDATE SET salary = excluded.salary RETURNING emp_id",
+                               "DELETE FROM employees WHERE emp_id = 1"],
+    ("source", "cdc_reader"): ["SELECT count(*) FROM employees, emp_cdc, cdc_offset"],
+    ("dest", "cdc_reader"): ["SELECT count(*) FROM employees, cdc_applied"],
+}
+
+
+def connect_as(side, role):
+    connection = psycopg2.connect(host="localhost", port=PORTS[side], user=role, password=role,
+                                  dbname=TEST_DB, connect_timeout=5)
+    connection.autocommit = True
+    return connection
+
+
+@pytest.mark.parametrize("side, role", list(REFUSED))
+def test_each_role_is_refused_what_it_must_not_do(services, side, role):
+    with closing(connect_as(side, role)) as db:
+        for statement in REFUSED[(side, role)]:
+            with db.cursor() as cursor, pytest.raises(psycopg2.errors.InsufficientPrivilege):
+                cursor.execute(statement)
+
+
+@pytest.mark.parametrize("side, role", list(ALLOWED))
+def test_each_role_may_do_its_job(services, side, role):
+    with closing(connect_as(side, role)) as db, db.cursor() as cursor:
+        cursor.execute("BEGIN")
+        for statement in ALLOWED[(side, role)]:
+            cursor.execute(statement)
+        cursor.execute("ROLLBACK")
+
+
+def test_roles_sql_runs_again_without_harm(services):
+    for side in PORTS:
+        apply_roles(side)
+    assert query("source", "SELECT has_table_privilege('cdc_producer', 'employees', 'SELECT')") == [(False,)]
+    assert query("dest", "SELECT has_table_privilege('cdc_consumer', 'employees', 'INSERT')") == [(True,)]
