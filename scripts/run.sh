@@ -54,6 +54,24 @@ psql_at() {  # psql_at PORT SQL
     psql -h localhost -p "$1" -U postgres -d postgres -v ON_ERROR_STOP=1 -qAt -c "$2"
 }
 
+offer_snapshot() {  # the rows that predate capture, when the destination has none yet
+    local source_rows dest_rows answer
+    source_rows=$(psql_at 5432 "SELECT count(*) FROM employees")
+    dest_rows=$(psql_at 5433 "SELECT count(*) FROM employees")
+    if [ "$source_rows" -eq 0 ] || [ "$dest_rows" -ne 0 ]; then
+        return 0
+    fi
+    echo
+    echo "The source has $source_rows employees and the destination none."
+    if [ -t 0 ]; then
+        read -r -p "Copy them now with the initial snapshot (python admin.py snapshot)? [Y/n] " answer
+        case $answer in [nN]*) return 0 ;; esac
+        .venv/bin/python admin.py snapshot
+    else
+        echo "Copy them with:  .venv/bin/python admin.py snapshot"
+    fi
+}
+
 demonstrate() {
     local emp_id=$((900000 + RANDOM)) started elapsed
     echo
@@ -81,6 +99,7 @@ case ${1:-start} in
         mkdir -p "$LOGS"
         start_daemon producer "Loaded offset"
         start_daemon consumer "Assigned partitions"
+        offer_snapshot
         demonstrate
         echo
         echo "The pipeline is running. Watch it:  tail -f .stack/logs/producer.log .stack/logs/consumer.log"
