@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import psycopg2
 from confluent_kafka import (Consumer, ConsumerGroupTopicPartitions, KafkaError,
                              KafkaException, Producer, TopicPartition)
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, OffsetSpec
@@ -31,9 +32,12 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, OffsetS
 import config
 import dlq
 import loader
+import snapshot
+import verify
 
 TIMEOUT = 10  # seconds for any answer from Kafka
 REPLAYED = "dlq.replayed"  # header of the marker records `dlq replay` writes
+SETTING_GROUPS = ("kafka", "consumer", "source", "dest", "admin")
 
 
 # --- topics -----------------------------------------------------------------------
@@ -276,6 +280,16 @@ def load_employees(admin, settings):
     return loader.load(settings, settings.file)
 
 
+# --- snapshot, verify, status ----------------------------------------------------------
+
+def take_snapshot(admin, settings):
+    return snapshot.run(settings)
+
+
+def verify_tables(admin, settings):
+    return verify.run(settings)
+
+
 # --- command line -------------------------------------------------------------------
 
 def add_command(commands, name, run, help_text):
@@ -288,7 +302,7 @@ def add_command(commands, name, run, help_text):
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_settings(parser, "kafka", "consumer")
+    config.add_settings(parser, *SETTING_GROUPS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     command = add_command(commands, "list", list_topics, "list the topics  (python admin.py list --all)")
@@ -321,6 +335,18 @@ def build_parser():
     command.add_argument("group_name", nargs="?", metavar="GROUP",
                          help="group (default: --group, KAFKA_GROUP_ID)")
 
+    command = add_command(commands, "snapshot", take_snapshot,
+                          "copy the rows that predate capture into the pipeline  "
+                          "(python admin.py snapshot)")
+    command.add_argument("--restart", action="store_true",
+                         help="take a new snapshot even if one finished before")
+
+    command = add_command(commands, "verify", verify_tables,
+                          "compare the source's and the destination's employees; exit 1 if they "
+                          "differ  (python admin.py verify --repair)")
+    command.add_argument("--repair", action="store_true",
+                         help="re-emit the source's current row of each differing emp_id")
+
     dlq_command = commands.add_parser("dlq", help="inspect and replay the DLQ  (python admin.py dlq list)",
                                       description="inspect and replay the DLQ  (python admin.py dlq list)")
     dlq_commands = dlq_command.add_subparsers(dest="dlq_command", metavar="DLQ_COMMAND", required=True)
@@ -335,13 +361,13 @@ def build_parser():
         command.add_argument("--all", action="store_true", help="include records already replayed")
         if name == "list":
             command.add_argument("--limit", type=int, help="only the newest N")
+
     command = add_command(commands, "load", load_employees,
                           "load employees from a CSV file into the source, each row captured "
                           "and replicated  (python admin.py load employees.csv)")
     command.add_argument("file", metavar="FILE",
                          help="CSV with the seed's header (Employee ID,First Name,Last Name,"
                               "Date of Birth,City,Salary) or the column names")
-    config.add_settings(command, "source")
 
     parser.set_defaults(run=list_topics, all=False)
     return parser
@@ -350,13 +376,17 @@ def build_parser():
 def main(argv):
     arguments = build_parser().parse_args(argv)
     config.KAFKA_LOG.disabled = True  # a failure is reported once, as one line
-    settings = config.resolve(arguments, "kafka", "consumer", "source")
+    settings = config.resolve(arguments, *SETTING_GROUPS)
     admin = AdminClient(config.kafka_config(settings))
     try:
         return settings.run(admin, settings) or 0
     except KafkaException as error:
         raise config.ConfigError(f"Kafka at {settings.bootstrap_servers}: "
                                  f"{config.one_line(error)}") from None
+    except psycopg2.Error as error:
+        raise config.ConfigError(config.one_line(error)) from None
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -88,6 +88,11 @@ SETTINGS = [
             "daemon", float, 0),
     Setting("log_level", "LOG_LEVEL", "INFO",
             "INFO gives a line to the first 10 records of a batch, DEBUG to every one", "daemon"),
+    Setting("snapshot_chunk", "SNAPSHOT_CHUNK", 5000,
+            "admin.py snapshot: rows of employees copied per source transaction", "admin", int, 1),
+    Setting("verify_wait", "VERIFY_WAIT", 30.0,
+            "admin.py verify: seconds to wait for the changes in flight on differing rows "
+            "to be applied before reporting them", "admin", float, 0),
 ]
 
 

@@ -82,6 +82,24 @@ load_sample() {
         -c "SELECT * FROM employees ORDER BY emp_id LIMIT 3"
 }
 
+offer_snapshot() {  # the rows that predate capture, when the destination has none yet
+    local source_rows dest_rows answer
+    source_rows=$(psql_at "$SOURCE_PORT" "SELECT count(*) FROM employees")
+    dest_rows=$(psql_at "$DEST_PORT" "SELECT count(*) FROM employees")
+    if [ "$source_rows" -eq 0 ] || [ "$dest_rows" -ne 0 ]; then
+        return 0
+    fi
+    echo
+    echo "The source has $source_rows employees and the destination none."
+    if [ -t 0 ]; then
+        read -r -p "Copy them now with the initial snapshot (python admin.py snapshot)? [Y/n] " answer
+        case $answer in [nN]*) return 0 ;; esac
+        .venv/bin/python admin.py snapshot
+    else
+        echo "Copy them with:  .venv/bin/python admin.py snapshot"
+    fi
+}
+
 demonstrate() {
     local emp_id=$((900000 + RANDOM)) started elapsed
     echo
@@ -104,6 +122,7 @@ case ${1:-start} in
         start_daemon producer "Loaded offset"
         start_daemon consumer "Assigned partitions"
         load_sample
+        offer_snapshot
         demonstrate
         echo
         echo "The pipeline is running. Watch it:  tail -f .stack/logs/producer.log .stack/logs/consumer.log"

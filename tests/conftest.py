@@ -173,7 +173,7 @@ class Pipeline:
     def reset_tables():
         # replica: the truncate is not captured as a change.
         query("source", "SET session_replication_role = replica; "
-                        "TRUNCATE employees, emp_cdc RESTART IDENTITY; "
+                        "TRUNCATE employees, emp_cdc, cdc_snapshot RESTART IDENTITY; "
                         "UPDATE cdc_offset SET last_action_id = 0, snapshot = '1:1:', "
                         "batch_snapshot = NULL, batch_action_id = 0")
         query("dest", "DROP TRIGGER IF EXISTS record_applied ON employees; "

@@ -93,6 +93,18 @@ CREATE TABLE IF NOT EXISTS cdc_offset (
 );
 INSERT INTO cdc_offset (id) VALUES (1) ON CONFLICT (id) DO NOTHING;
 
+-- The initial snapshot's progress (admin.py snapshot): every row of employees below
+-- next_emp_id has been copied into emp_cdc. It moves in the transaction that copies
+-- a chunk, so a snapshot killed at any point resumes where it stopped and copies no
+-- row twice. No row: no snapshot taken yet.
+CREATE TABLE IF NOT EXISTS cdc_snapshot (
+    id          INT PRIMARY KEY CHECK (id = 1),
+    next_emp_id BIGINT NOT NULL,
+    rows_copied BIGINT NOT NULL DEFAULT 0,
+    started_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    finished_at TIMESTAMPTZ
+);
+
 -- Every change is logged as the full row it leaves behind, so applying the newest
 -- change of an employee is enough to reproduce its state.
 -- An UPDATE that changes emp_id is logged as a DELETE of the old key and an INSERT of
