@@ -37,7 +37,7 @@ import verify
 
 TIMEOUT = 10  # seconds for any answer from Kafka
 REPLAYED = "dlq.replayed"  # header of the marker records `dlq replay` writes
-SETTING_GROUPS = ("kafka", "consumer", "source", "dest", "admin")
+SETTING_GROUPS = ("kafka", "group", "source", "dest", "admin")
 
 
 # --- topics -----------------------------------------------------------------------

@@ -68,7 +68,7 @@ SETTINGS = [
             "(security.protocol, sasl.password, ...); KAFKA_CONFIG wins over it", "kafka"),
     Setting("topic", "KAFKA_TOPIC", "bf_employee_cdc", "main topic of change events", "kafka"),
     Setting("dlq_topic", "KAFKA_DLQ_TOPIC", "bf_employee_cdc_dlq", "dead letter queue topic", "kafka"),
-    Setting("group", "KAFKA_GROUP_ID", "bf_group", "consumer group", "consumer"),
+    Setting("group", "KAFKA_GROUP_ID", "bf_group", "consumer group", "group"),
     Setting("instance_id", "KAFKA_GROUP_INSTANCE_ID", "",
             "static group membership: a consumer restarted with the same id gets its "
             "partitions back without a rebalance (empty: dynamic membership)", "consumer"),

@@ -405,7 +405,7 @@ class CdcConsumer:
 
 
 def main(argv):
-    return config.run_daemon(CdcConsumer, __doc__, argv, "dest", "kafka", "daemon", "consumer")
+    return config.run_daemon(CdcConsumer, __doc__, argv, "dest", "kafka", "group", "daemon", "consumer")
 
 
 if __name__ == "__main__":

@@ -162,3 +162,38 @@ def test_readme_shows_every_admin_command():
     readme = (ROOT / "README.md").read_text()
     for command in ["list", "create", "describe", "delete", "group", "dlq list", "dlq count", "dlq replay"]:
         assert f"python admin.py {command}" in readme, command
+
+
+# Flags of other programs that the README shows (docker compose, pytest, the side-by-side
+# benchmark of ../shared/bench).
+OTHER_PROGRAMS_FLAGS = {"--build", "--changes", "--samples", "--dbz-warmup", "--help"}
+
+
+def help_flags(script, *command):
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", run(script, *command, "--help").stdout))
+
+
+def admin_commands():
+    """admin.py's commands as `python admin.py X` would name them, with `dlq` ones as `dlq X`."""
+    listed = re.findall(r"^    ([a-z]+)  ", run("admin.py", "--help").stdout, re.M)
+    dlq_listed = re.findall(r"^    ([a-z]+)  ", run("admin.py", "dlq", "--help").stdout, re.M)
+    return [name for name in listed if name != "dlq"] + [f"dlq {name}" for name in dlq_listed]
+
+
+def test_each_script_takes_only_the_settings_it_uses():
+    assert not {"--instance-id", "--max-retries", "--poll-interval", "--batch-size"} & help_flags("admin.py")
+    assert not {"--source-host", "--poll-interval"} & help_flags("consumer.py")
+    assert not {"--dest-host", "--group", "--max-retries"} & help_flags("producer.py")
+
+
+def test_readme_names_every_flag_and_command_and_only_those():
+    readme = (ROOT / "README.md").read_text()
+    commands = admin_commands()
+    in_code = set().union(*(help_flags(script) for script in ["producer.py", "consumer.py", "test_pipeline.py",
+                                                              "scripts/bench.py", "admin.py"]),
+                          *(help_flags("admin.py", *command.split()) for command in commands))
+    in_readme = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", readme))
+    assert in_readme - in_code - OTHER_PROGRAMS_FLAGS == set(), "in the README, in no script"
+    assert in_code - in_readme - {"--help"} == set(), "in a script, not in the README"
+    shown = set(re.findall(r"python admin\.py ((?:dlq )?[a-z]+)", readme))
+    assert set(commands) == shown
