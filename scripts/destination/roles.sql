@@ -32,9 +32,10 @@ ALTER ROLE cdc_reader PASSWORD :'reader_password';
 SELECT format('GRANT CONNECT ON DATABASE %I TO cdc_consumer, cdc_reader', current_database()) \gexec
 GRANT USAGE ON SCHEMA public TO cdc_consumer, cdc_reader;
 
--- The consumer upserts and deletes employees and keeps cdc_applied beside them
--- (ON CONFLICT ... WHERE and RETURNING read the rows, hence SELECT). Nothing else.
-GRANT SELECT, INSERT, UPDATE, DELETE ON employees, cdc_applied TO cdc_consumer;
+-- The consumer upserts and deletes employees and keeps its bookkeeping beside them,
+-- cdc_applied and cdc_truncated (ON CONFLICT ... WHERE and RETURNING read the rows,
+-- hence SELECT). Nothing else.
+GRANT SELECT, INSERT, UPDATE, DELETE ON employees, cdc_applied, cdc_truncated TO cdc_consumer;
 
 -- status and verify: read, never write.
-GRANT SELECT ON employees, cdc_applied TO cdc_reader;
+GRANT SELECT ON employees, cdc_applied, cdc_truncated TO cdc_reader;

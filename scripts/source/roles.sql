@@ -34,7 +34,7 @@ GRANT USAGE ON SCHEMA public TO cdc_producer, cdc_reader;
 
 -- The producer reads the change log and deletes from it what it published (the purge),
 -- and keeps its watermark. It never sees employees: the trigger copies the rows.
--- LISTEN, pg_try_advisory_lock and pg_current_snapshot need no grant.
+-- pg_try_advisory_lock and pg_current_snapshot need no grant.
 GRANT SELECT, DELETE ON emp_cdc TO cdc_producer;
 GRANT SELECT, UPDATE ON cdc_offset TO cdc_producer;
 
