@@ -43,7 +43,8 @@ $$;
 -- An id given above the sequence moves the sequence up to it, once per statement:
 -- the rows a statement wrote are at hand in its transition table, so a row pays only
 -- for being kept there, not for a PL/pgSQL call (a row trigger with a WHEN test made
--- a bulk INSERT into a table without other triggers 15-25% slower; this, 0-3%). A default drawn after the statement never
+-- a bulk INSERT into a table without other triggers 15-25% slower; this, 0-3%; on
+-- single-row INSERTs, one PL/pgSQL call each, it cost 12% in pgbench, see README). A default drawn after the statement never
 -- repeats a given id; one drawn while it still runs (by a later row of the same
 -- statement, or another session) can, if it climbs the whole gap meanwhile.
 -- SECURITY DEFINER: a writer needs no rights on the sequence to give an id.
