@@ -12,7 +12,7 @@ time. A bad row is named by its line and reason, and the rest is loaded.
 
 The file is read as a stream, CHUNK_ROWS rows at a time: each chunk is copied into a
 temporary staging table and written to `employees` by one statement, in a transaction
-of its own.
+of its own, while the next chunk is read.
 """
 
 import csv
@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from datetime import date
 
@@ -92,13 +93,12 @@ class BadRow(ValueError):
     """A row that cannot be loaded; the message names the column and why."""
 
 
-def _integer(text, name, low=INT_MIN, high=INT_MAX):
+def _integer(text, name):
     digits = text[1:] if text[:1] == "-" else text
     if not (digits.isascii() and digits.isdigit()):
         raise BadRow(f"{name}: {text!r} is not a whole number")
-    value = int(text)
-    if not low <= value <= high:
-        raise BadRow(f"{name}: {value} is out of range ({low} to {high})")
+    if not INT_MIN <= int(text) <= INT_MAX:
+        raise BadRow(f"{name}: {text} is out of range ({INT_MIN} to {INT_MAX})")
     return text
 
 
@@ -107,7 +107,8 @@ def _date(text, name):
         if len(text) == 10 and text[4] == "-" and text[7] == "-":
             return date.fromisoformat(text).isoformat()
         month, day, year = text.split("/")
-        if len(year) == 4 and all(part.isascii() and part.isdigit() for part in (month, day, year)):
+        digits = month + day + year
+        if len(year) == 4 and digits.isascii() and digits.isdigit():
             return date(int(year), int(month), int(day)).isoformat()
     except ValueError:
         if text.count("/") == 2 or text.count("-") == 2:
@@ -133,21 +134,20 @@ class Columns:
     """Where each column is in the file's rows, from its header."""
 
     def __init__(self, header, path):
-        self.names = [name.strip() for name in header]
-        columns = [COLUMNS.get(name.lower()) for name in self.names]
-        unknown = [name for name, column in zip(self.names, columns) if column is None]
+        names = [name.strip() for name in header]
+        columns = [COLUMNS.get(name.lower()) for name in names]
+        unknown = [name for name, column in zip(names, columns) if column is None]
         if unknown:
             raise config.ConfigError(
                 f"{path}: unknown column {unknown[0]!r} in the header; expected "
                 "Employee ID (optional), First Name, Last Name, Date of Birth, City, Salary")
-        missing = [field for field in REQUIRED if field not in columns]
-        if missing or len(set(columns)) != len(columns):
+        if not set(REQUIRED) <= set(columns) or len(set(columns)) != len(columns):
             raise config.ConfigError(f"{path}: the header must name each of First Name, Last Name, "
                                      "Date of Birth, City and Salary once")
         self.has_ids = "emp_id" in columns
         self.count = len(columns)
         # (position in the row, column, conversion, the header's name for it)
-        self.order = [(columns.index(field), field, CONVERT[field], self.names[columns.index(field)])
+        self.order = [(columns.index(field), field, CONVERT[field], names[columns.index(field)])
                       for field in FIELDS if field in columns]
 
     def copy_line(self, line, values):
@@ -222,9 +222,10 @@ def _load(connection, csv_file, path, settings):
         raise config.ConfigError(f"{path}: empty file, no header")
     columns = Columns(header, path)
     progress = Progress(os.fstat(csv_file.fileno()).st_size)
-    read = bad = inserted = updated = 0
+    writer = _Writer(connection, columns.has_ids)
+    read = bad = 0
     chunk = []
-    line = loaded_to = 1  # the line read last; the last line of the last chunk committed
+    line = 1
     try:
         for values in reader:
             line = reader.line_num
@@ -238,38 +239,66 @@ def _load(connection, csv_file, path, settings):
                 progress.interrupt()
                 print(f"{path} line {line}: {error}", file=sys.stderr)
             if len(chunk) == CHUNK_ROWS:
-                inserted, updated = _write(connection, chunk, columns, inserted, updated)
-                chunk, loaded_to = [], line
+                writer.write(chunk, line)
+                chunk = []
                 progress.update(read, csv_file.buffer.tell())
-        inserted, updated = _write(connection, chunk, columns, inserted, updated)
+        writer.write(chunk, line)
+        writer.wait()
     except UnicodeDecodeError as error:
         raise config.ConfigError(f"{path}: not UTF-8 after line {line} ({error.reason}); "
-                                 f"lines 2 to {loaded_to} are loaded") from None
+                                 f"lines 2 to {writer.loaded_to} are loaded") from None
     except KeyboardInterrupt:
         progress.interrupt()
-        raise config.ConfigError(f"stopped at line {line} of {path}; lines 2 to {loaded_to} are "
-                                 "loaded, and loading the file again finishes it") from None
+        raise config.ConfigError(f"stopped at line {line} of {path}; lines 2 to {writer.loaded_to} "
+                                 "are loaded, and loading the file again finishes it") from None
+    finally:
+        writer.close()
     progress.interrupt()
     elapsed = time.monotonic() - progress.started
-    loaded = read - bad
+    unchanged = read - bad - writer.inserted - writer.updated
     print(f"Loaded {path} into {config.database_name(settings, 'source')}: {read:,} rows read, "
-          f"{inserted:,} inserted, {updated:,} updated, {loaded - inserted - updated:,} unchanged, "
+          f"{writer.inserted:,} inserted, {writer.updated:,} updated, {unchanged:,} unchanged, "
           f"{bad:,} bad; {elapsed:.1f} s, {read / max(elapsed, 1e-9):,.0f} rows/s")
     return 0
 
 
-def _write(connection, chunk, columns, inserted, updated):
-    """Copies a chunk into the staging table and from there into employees; commits.
-    Returns the running counts of inserted and updated rows."""
-    if not chunk:
-        return inserted, updated
-    with connection.cursor() as cursor:
-        cursor.copy_expert(COPY_STAGING, io.StringIO("".join(chunk)))
-        if columns.has_ids:
-            cursor.execute(ADVANCE_SEQUENCE)
-            cursor.execute(UPSERT)
-        else:
-            cursor.execute(INSERT_NEW)
-        new, changed = cursor.fetchone()
-    connection.commit()
-    return inserted + new, updated + changed
+class _Writer:
+    """Writes the chunks in a thread of its own, one at a time, while the next one is
+    read: psycopg2 lets go of the GIL while the database works. Keeps the counts."""
+
+    def __init__(self, connection, has_ids):
+        self.connection = connection
+        self.statements = [ADVANCE_SEQUENCE, UPSERT] if has_ids else [INSERT_NEW]
+        self.inserted = self.updated = 0
+        self.loaded_to = 1  # the last line of the last chunk committed
+        self._thread = ThreadPoolExecutor(max_workers=1)
+        self._pending = None  # (future, the chunk's last line)
+
+    def write(self, chunk, last_line):
+        self.wait()
+        if chunk:
+            self._pending = (self._thread.submit(self._write, chunk), last_line)
+
+    def wait(self):
+        """Waits for the chunk being written; raises what writing it raised."""
+        if self._pending:
+            future, last_line = self._pending
+            self._pending = None
+            inserted, updated = future.result()
+            self.inserted += inserted
+            self.updated += updated
+            self.loaded_to = last_line
+
+    def close(self):
+        self._thread.shutdown()
+
+    def _write(self, chunk):
+        """Copies a chunk into the staging table, and from there into employees;
+        commits. Returns the rows inserted and updated."""
+        with self.connection.cursor() as cursor:
+            cursor.copy_expert(COPY_STAGING, io.StringIO("".join(chunk)))
+            for statement in self.statements:
+                cursor.execute(statement)
+            counts = cursor.fetchone()
+        self.connection.commit()
+        return counts

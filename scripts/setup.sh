@@ -52,6 +52,8 @@ refuse_clusters_of_the_user() {
 install_missing_packages() {  # returns 1 if nothing was missing
     missing_prerequisites java maven server psql pgbench venv
     [ ${#PACKAGES[@]} -gt 0 ] || return 1
+    command -v apt-get >/dev/null \
+        || die "missing ${MISSING[*]}; install them (Debian's packages: ${PACKAGES[*]})"
     local root
     if ! root=$(as_root_prefix); then
         local sudo="sudo "

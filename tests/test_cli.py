@@ -41,7 +41,8 @@ def test_every_script_has_help(script):
 
 
 @pytest.mark.parametrize("command", [["list"], ["create"], ["describe"], ["delete"], ["group"],
-                                     ["dlq", "list"], ["dlq", "count"], ["dlq", "replay"]])
+                                     ["dlq", "list"], ["dlq", "count"], ["dlq", "replay"],
+                                     ["load"]])
 def test_every_admin_command_has_help_with_an_example(command):
     result = run("admin.py", *command, "--help")
     assert result.returncode == 0

@@ -44,8 +44,8 @@ def test_the_sample_loads_names_its_bad_rows_replicates_and_loads_again_as_a_no_
     assert summary(first) == (306, 300, 0, 0, 6)
     rows = pipeline.wait_for_equal()
     assert len(rows) == 300 and [row[0] for row in rows] == list(range(1, 301))
-    # The seed's format: 5/10/2003, and " 84500" with its space.
-    assert rows[0] == (1, "Jennifer", "O'Brien", "2003-05-10", "Houston", 127500)
+    # The seed's format: 8/13/1960, and " 132000" with its stray space.
+    assert rows[11] == (12, "Susan", "Johnson", "1960-08-13", "Houston", 132000)
     assert query("source", "SELECT action, count(*) FROM emp_cdc GROUP BY action") == [("INSERT", 300)]
 
     second = load(pipeline, "employees.csv")

@@ -19,6 +19,7 @@ import pytest
 from conftest import KAFKA, PORTS, ROOT
 
 HIDDEN = ("java", "mvn", "pgbench")
+RUNUSER = shutil.which("runuser", path=f"{os.environ['PATH']}:/usr/sbin:/sbin")
 PACKAGES = "openjdk-17-jre-headless maven postgresql"
 
 STAND_INS = {
@@ -94,7 +95,7 @@ def run_setup(machine, setup=None, user=None, sudo_status=0, installs=(), starts
         # The system's python3: one under /root (pyenv's, say) is out of nobody's reach.
         env["PYTHON"] = shutil.which("python3", path="/usr/bin:/bin")
         # runuser may reset PATH; env sets it again for setup.sh.
-        command = [shutil.which("runuser"), "-u", user, "--", "/usr/bin/env", "-i",
+        command = [RUNUSER, "-u", user, "--", "/usr/bin/env", "-i",
                    *(f"{name}={value}" for name, value in env.items()), *command]
     return subprocess.run(command, env=env, cwd=machine, capture_output=True, text=True, timeout=300)
 
@@ -145,6 +146,14 @@ def test_without_root_or_sudo_it_stops_with_the_command_to_run(machine):
     assert result.stderr.strip() == (f"Error: missing Java Maven pgbench; install with: sudo apt-get "
                                       f"update && sudo apt-get install -y {PACKAGES}")
     assert not (machine / ".venv").exists()
+
+
+def test_without_apt_get_it_names_the_packages(machine):
+    (machine / "bin/apt-get").unlink()
+    result = run_setup(machine)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"Error: missing Java Maven pgbench; install them (Debian's "
+                                      f"packages: {PACKAGES})")
 
 
 def test_a_cluster_that_ran_before_is_named_and_left_alone(machine):
