@@ -11,6 +11,8 @@
   python admin.py dlq list --key 103       DLQ records, newest first
   python admin.py dlq count --error connection
   python admin.py dlq replay               republish what is not yet replayed
+  python admin.py renumber-source          after the source was restored, re-created or
+                                           failed over (the producer says when)
 
 `dlq replay` marks what it republished with a marker record in the DLQ itself, so a
 second replay does not send it again. Replaying is safe at any time: the consumer
@@ -23,12 +25,15 @@ import sys
 import time
 from dataclasses import dataclass
 
+import psycopg2
 from confluent_kafka import (Consumer, ConsumerGroupTopicPartitions, KafkaError,
                              KafkaException, Producer, TopicPartition)
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 import config
 import dlq
+import producer
+import source_rewind
 
 TIMEOUT = 10  # seconds for any answer from Kafka
 REPLAYED = "dlq.replayed"  # header of the marker records `dlq replay` writes
@@ -120,6 +125,18 @@ def describe_group(admin, settings):
         shown, lag = (offset, end - offset) if offset >= 0 else ("-", "-")
         print(f"{topic:<28} {partition:>9} {shown:>10} {end:>10} {lag:>8}  "
               f"{owners.get((topic, partition), '-')}")
+
+
+# --- source -------------------------------------------------------------------------
+
+def renumber_source(admin, settings):
+    try:
+        count, first, last = source_rewind.renumber(settings, producer.PRODUCER_LOCK)
+    except psycopg2.Error as error:
+        raise config.ConfigError(f"source database {config.database_name(settings, 'source')}: "
+                                 f"{config.one_line(error)}") from None
+    print(f"Renumbered the {count} changes of emp_cdc as action_id {first}..{last}, above every "
+          f"one on {settings.topic}; the producer publishes them again when it starts.")
 
 
 # --- DLQ ----------------------------------------------------------------------------
@@ -262,7 +279,7 @@ def add_command(commands, name, run, help_text):
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_settings(parser, "kafka", "consumer")
+    config.add_settings(parser, "kafka", "consumer", "source")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     command = add_command(commands, "list", list_topics, "list the topics  (python admin.py list --all)")
@@ -290,6 +307,11 @@ def build_parser():
     command.add_argument("group_name", nargs="?", metavar="GROUP",
                          help="group (default: --group, KAFKA_GROUP_ID)")
 
+    add_command(commands, "renumber-source", renumber_source,
+                "after the source was restored, re-created or failed over: number its changes "
+                "above every action_id on the topic and publish them again  "
+                "(python admin.py renumber-source)")
+
     dlq_command = commands.add_parser("dlq", help="inspect and replay the DLQ  (python admin.py dlq list)",
                                       description="inspect and replay the DLQ  (python admin.py dlq list)")
     dlq_commands = dlq_command.add_subparsers(dest="dlq_command", metavar="DLQ_COMMAND", required=True)
@@ -311,7 +333,7 @@ def build_parser():
 def main(argv):
     arguments = build_parser().parse_args(argv)
     config.KAFKA_LOG.disabled = True  # a failure is reported once, as one line
-    settings = config.resolve(arguments, "kafka", "consumer")
+    settings = config.resolve(arguments, "kafka", "consumer", "source")
     admin = AdminClient(config.kafka_config(settings))
     try:
         return settings.run(admin, settings) or 0
