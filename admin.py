@@ -308,9 +308,7 @@ def build_parser():
                          help="group (default: --group, KAFKA_GROUP_ID)")
 
     add_command(commands, "renumber-source", renumber_source,
-                "after the source was restored, re-created or failed over: number its changes "
-                "above every action_id on the topic and publish them again  "
-                "(python admin.py renumber-source)")
+                "source went back in time: renumber, republish  (python admin.py renumber-source)")
 
     dlq_command = commands.add_parser("dlq", help="inspect and replay the DLQ  (python admin.py dlq list)",
                                       description="inspect and replay the DLQ  (python admin.py dlq list)")
