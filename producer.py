@@ -164,7 +164,7 @@ class CdcProducer:
             except psycopg2.ProgrammingError as error:
                 raise config.ConfigError(f"source database {config.database_name(self.settings, 'source')}: "
                                          f"{config.one_line(error)} (apply scripts/source/init.sql)") from None
-            log.info("Loaded offset: %d", cursor.fetchone()[0])
+            offset = cursor.fetchone()[0]
             # Before anything is fetched or purged: both would be wrong from here on.
             went_back = source_rewind.went_back(cursor, self.settings)
             if went_back:
@@ -172,6 +172,7 @@ class CdcProducer:
                     f"source database {config.database_name(self.settings, 'source')} went back "
                     f"in time: {went_back}; it was restored, re-created or failed over. To publish "
                     f"from it, stop every producer and run: python admin.py renumber-source")
+            log.info("Loaded offset: %d", offset)
         # Planned for the whole result, not the first rows: a batch is read to its end.
         self.reader = config.connect(self.settings, "source", application_name="cdc-producer-reader",
                                      options="-c DateStyle=ISO -c cursor_tuple_fraction=1")
