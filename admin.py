@@ -12,6 +12,8 @@
   python admin.py dlq count --error connection
   python admin.py dlq replay               republish what is not yet replayed
   python admin.py load employees.csv       load employees from a CSV file into the source
+  python admin.py renumber-source          after the source was restored, re-created or
+                                           failed over (the producer says when)
 
 `dlq replay` marks what it republished with a marker record in the DLQ itself, so a
 second replay does not send it again. Replaying is safe at any time: the consumer
@@ -32,7 +34,9 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, OffsetS
 import config
 import dlq
 import loader
+import producer
 import snapshot
+import source_rewind
 import verify
 
 TIMEOUT = 10  # seconds for any answer from Kafka
@@ -144,6 +148,18 @@ def describe_group(admin, settings):
         shown, lag = (offset, end - offset) if offset >= 0 else ("-", "-")
         print(f"{topic:<28} {partition:>9} {shown:>10} {end:>10} {lag:>8}  "
               f"{owners.get((topic, partition), '-')}")
+
+
+# --- source -------------------------------------------------------------------------
+
+def renumber_source(admin, settings):
+    try:
+        count, first, last = source_rewind.renumber(settings, producer.PRODUCER_LOCK)
+    except psycopg2.Error as error:
+        raise config.ConfigError(f"source database {config.database_name(settings, 'source')}: "
+                                 f"{config.one_line(error)}") from None
+    print(f"Renumbered the {count} changes of emp_cdc as action_id {first}..{last}, above every "
+          f"one on {settings.topic}; the producer publishes them again when it starts.")
 
 
 # --- DLQ ----------------------------------------------------------------------------
@@ -346,6 +362,9 @@ def build_parser():
                           "differ  (python admin.py verify --repair)")
     command.add_argument("--repair", action="store_true",
                          help="re-emit the source's current row of each differing emp_id")
+
+    add_command(commands, "renumber-source", renumber_source,
+                "source went back in time: renumber, republish  (python admin.py renumber-source)")
 
     dlq_command = commands.add_parser("dlq", help="inspect and replay the DLQ  (python admin.py dlq list)",
                                       description="inspect and replay the DLQ  (python admin.py dlq list)")

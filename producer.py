@@ -25,6 +25,7 @@ from confluent_kafka import KafkaError, Producer
 
 import config
 import dlq
+import source_rewind
 from employee import CHANGE_FIELDS, Change, InvalidChange
 
 log = logging.getLogger("producer")
@@ -185,7 +186,15 @@ class CdcProducer:
             except psycopg2.ProgrammingError as error:
                 raise config.ConfigError(f"source database {config.database_name(self.settings, 'source')}: "
                                          f"{error.diag.message_primary} (apply scripts/source/init.sql)") from None
-            log.info("Loaded offset: %d", cursor.fetchone()[0])
+            offset = cursor.fetchone()[0]
+            # Before anything is fetched or purged: both would be wrong from here on.
+            went_back = source_rewind.went_back(cursor, self.settings)
+            if went_back:
+                raise config.ConfigError(
+                    f"source database {config.database_name(self.settings, 'source')} went back "
+                    f"in time: {went_back}; it was restored, re-created or failed over. To publish "
+                    f"from it, stop every producer and run: python admin.py renumber-source")
+            log.info("Loaded offset: %d", offset)
         # Planned for the whole result, not the first rows: a batch is read to its end.
         self.reader = config.connect(self.settings, "source", application_name="cdc-producer-reader",
                                      options="-c DateStyle=ISO -c cursor_tuple_fraction=1")

@@ -42,7 +42,7 @@ def test_every_script_has_help(script):
 
 @pytest.mark.parametrize("command", [["list"], ["create"], ["describe"], ["delete"], ["group"],
                                      ["dlq", "list"], ["dlq", "count"], ["dlq", "replay"],
-                                     ["load"]])
+                                     ["load"], ["renumber-source"]])
 def test_every_admin_command_has_help_with_an_example(command):
     result = run("admin.py", *command, "--help")
     assert result.returncode == 0
@@ -161,7 +161,8 @@ def test_readme_and_env_example_document_every_setting_and_nothing_else():
 
 def test_readme_shows_every_admin_command():
     readme = (ROOT / "README.md").read_text()
-    for command in ["list", "create", "describe", "delete", "group", "dlq list", "dlq count", "dlq replay"]:
+    for command in ["list", "create", "describe", "delete", "group", "dlq list", "dlq count", "dlq replay",
+                    "renumber-source"]:
         assert f"python admin.py {command}" in readme, command
 
 
@@ -176,8 +177,8 @@ def help_flags(script, *command):
 
 def admin_commands():
     """admin.py's commands as `python admin.py X` would name them, with `dlq` ones as `dlq X`."""
-    listed = re.findall(r"^    ([a-z]+)  ", run("admin.py", "--help").stdout, re.M)
-    dlq_listed = re.findall(r"^    ([a-z]+)  ", run("admin.py", "dlq", "--help").stdout, re.M)
+    listed = re.findall(r"^    ([a-z-]+)  ", run("admin.py", "--help").stdout, re.M)
+    dlq_listed = re.findall(r"^    ([a-z-]+)  ", run("admin.py", "dlq", "--help").stdout, re.M)
     return [name for name in listed if name != "dlq"] + [f"dlq {name}" for name in dlq_listed]
 
 
@@ -196,5 +197,5 @@ def test_readme_names_every_flag_and_command_and_only_those():
     in_readme = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", readme))
     assert in_readme - in_code - OTHER_PROGRAMS_FLAGS == set(), "in the README, in no script"
     assert in_code - in_readme - {"--help"} == set(), "in a script, not in the README"
-    shown = set(re.findall(r"python admin\.py ((?:dlq )?[a-z]+)", readme))
+    shown = set(re.findall(r"python admin\.py ((?:dlq )?[a-z][a-z-]*)", readme))
     assert set(commands) == shown

@@ -71,6 +71,10 @@ CREATE TABLE IF NOT EXISTS cdc_offset (
     batch_action_id BIGINT NOT NULL DEFAULT 0
 );
 INSERT INTO cdc_offset (id) VALUES (1) ON CONFLICT (id) DO NOTHING;
+-- The source the watermark was taken in: cluster, timeline and database. When the
+-- producer finds another (a restore, a re-creation, a failover), it checks that the
+-- source's action_ids did not go back below those already on the topic.
+ALTER TABLE cdc_offset ADD COLUMN IF NOT EXISTS source_identity TEXT;
 
 -- The initial snapshot's progress (admin.py snapshot): every row of employees below
 -- next_emp_id has been copied into emp_cdc. It moves in the transaction that copies
