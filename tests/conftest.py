@@ -151,7 +151,9 @@ class Daemon:
 class Pipeline:
     """One test's topics, consumer group, emptied tables and daemons."""
 
-    def __init__(self, name, log_dir):
+    def __init__(self, name, log_dir, kafka=None):
+        self.kafka = kafka or {"bootstrap.servers": KAFKA}  # the tests' own Kafka clients' settings
+        self.roles = dict(DAEMON_ROLES)
         suffix = uuid.uuid4().hex[:8]
         self.topic = f"test_{name}_{suffix}"[:200]
         self.dlq_topic = f"{self.topic}_dlq"
@@ -160,10 +162,10 @@ class Pipeline:
         self.daemons = []
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1",
                     "SOURCE_DB_NAME": TEST_DB, "DEST_DB_NAME": TEST_DB,
-                    "KAFKA_BOOTSTRAP_SERVERS": KAFKA, "KAFKA_TOPIC": self.topic,
+                    "KAFKA_BOOTSTRAP_SERVERS": self.kafka["bootstrap.servers"], "KAFKA_TOPIC": self.topic,
                     "KAFKA_DLQ_TOPIC": self.dlq_topic, "KAFKA_GROUP_ID": self.group,
                     "RETRY_BACKOFF": "0.2"}
-        self.admin = AdminClient({"bootstrap.servers": KAFKA})
+        self.admin = AdminClient(self.kafka)
         for future in self.admin.create_topics([NewTopic(self.topic, 3, 1),
                                                 NewTopic(self.dlq_topic, 1, 1)]).values():
             future.result()
@@ -180,7 +182,7 @@ class Pipeline:
 
     def start(self, script, name=None, args=(), **env):
         """Starts a script as its role, with env added to the pipeline's (None: removed)."""
-        merged = {**self.env, **DAEMON_ROLES.get(script, {}), **env}
+        merged = {**self.env, **self.roles.get(script, {}), **env}
         daemon = Daemon(name or Path(script).stem, script,
                         {key: value for key, value in merged.items() if value is not None},
                         self.log_dir, args)
@@ -206,13 +208,13 @@ class Pipeline:
 
     def messages(self, topic=None):
         """Every message in a topic, as dicts with key, value, partition, offset, headers."""
-        return read_topic(topic or self.topic)
+        return read_topic(topic or self.topic, self.kafka)
 
     def produce(self, key, value, topic=None):
         """Produces one message as it is, straight to the topic; returns its
         (partition, offset)."""
         delivered = []
-        producer = Producer({"bootstrap.servers": KAFKA})
+        producer = Producer(self.kafka)
         producer.produce(topic or self.topic, key=key, value=value,
                          on_delivery=lambda error, message: delivered.append((error, message)))
         assert producer.flush(10) == 0
@@ -228,8 +230,8 @@ class Pipeline:
             future.result()
 
 
-def read_topic(topic):
-    reader = Consumer({"bootstrap.servers": KAFKA, "group.id": f"reader-{uuid.uuid4().hex}",
+def read_topic(topic, kafka=None):
+    reader = Consumer({**(kafka or {"bootstrap.servers": KAFKA}), "group.id": f"reader-{uuid.uuid4().hex}",
                        "enable.auto.commit": False})
     messages = []
     try:
