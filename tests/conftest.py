@@ -71,11 +71,13 @@ def services():
         apply_roles(side)
 
 
-def apply_roles(side, dbname=TEST_DB):
-    """roles.sql, as psql runs it (it uses psql's variables), with the test passwords."""
+def apply_roles(side, dbname=TEST_DB, **passwords):
+    """roles.sql, as psql runs it (it uses psql's variables), with the test passwords
+    or the given CDC_..._PASSWORD(_FILE) variables (None: unset)."""
+    env = {**os.environ, "PGPASSWORD": "postgres", **ROLE_PASSWORDS, **passwords}
     result = subprocess.run(["psql", "-h", "localhost", "-p", str(PORTS[side]), "-U", "postgres",
                              "-d", dbname, "-q", "-v", "ON_ERROR_STOP=1", "-f", str(ROLES_SQL[side])],
-                            env={**os.environ, "PGPASSWORD": "postgres", **ROLE_PASSWORDS},
+                            env={name: value for name, value in env.items() if value is not None},
                             capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
         pytest.fail(f"{ROLES_SQL[side]} failed on the {side} database:\n{result.stderr}", pytrace=False)
