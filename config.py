@@ -248,14 +248,14 @@ def kafka_config(settings, **client_settings):
 
 
 def _on_kafka_error(error):
-    """librdkafka's errors; refused credentials are not worth a retry: raised from the
-    client call that served the callback (poll, flush, list_topics), as one line."""
+    """librdkafka's errors. Refused credentials are no cause to retry: a ConfigError,
+    raised from the call that served the callback (poll, consume, flush), stops the
+    script with one line. The others repeat what librdkafka logs already."""
     if error.code() in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
         # The reason without the broker's address in front and the timing behind.
         reason = re.sub(r"^\S+: | \(after \d+ms in state \w+\)$", "", error.str())
         raise ConfigError(f"Kafka refused the credentials ({reason}); check KAFKA_SASL_USERNAME, "
                           "KAFKA_SASL_PASSWORD and the sasl.mechanism in KAFKA_CONFIG")
-    KAFKA_LOG.error("%s", error.str())
 
 
 def producer_config(settings, client_id):

@@ -71,6 +71,9 @@ def test_databases(services, service, scripts):
     assert [f"./{scripts}/init.sql", f"./{scripts}/roles.sql"] == [
         host for host, target, *_ in mounts if target.startswith("/docker-entrypoint-initdb.d/")]
     assert (ROOT / scripts / "init.sql").is_file() and (ROOT / scripts / "roles.sql").is_file()
+    # roles.sql includes ../role_passwords.psql, relative to where it is mounted.
+    assert ["./scripts/role_passwords.psql", "/role_passwords.psql"] in [mount[:2] for mount in mounts]
+    assert "\\ir ../role_passwords.psql" in (ROOT / scripts / "roles.sql").read_text()
     assert "pg_isready" in database["healthcheck"]["test"]
 
 
