@@ -400,6 +400,7 @@ def main(argv):
     try:
         return settings.run(admin, settings) or 0
     except KafkaException as error:
+        admin.poll(0)  # serves the error callback, which raises on refused credentials
         raise config.ConfigError(f"Kafka at {settings.bootstrap_servers}: "
                                  f"{config.one_line(error)}") from None
     except psycopg2.Error as error:

@@ -66,6 +66,12 @@ SETTINGS = [
     Setting("kafka_config_file", "KAFKA_CONFIG_FILE", "",
             "a librdkafka properties file, key=value lines as Kafka's own tools take "
             "(security.protocol, sasl.password, ...); KAFKA_CONFIG wins over it", "kafka"),
+    Setting("sasl_username", "KAFKA_SASL_USERNAME", "",
+            "Kafka SASL user, for security.protocol=SASL_SSL and a sasl.mechanism in KAFKA_CONFIG "
+            "(empty: no SASL)", "kafka"),
+    Setting("sasl_password", "KAFKA_SASL_PASSWORD", "",
+            "Kafka SASL password (never logged; KAFKA_SASL_PASSWORD_FILE names a file holding it "
+            "instead; a flag is visible to other users)", "kafka", secret=True),
     Setting("topic", "KAFKA_TOPIC", "bf_employee_cdc", "main topic of change events", "kafka"),
     Setting("dlq_topic", "KAFKA_DLQ_TOPIC", "bf_employee_cdc_dlq", "dead letter queue topic", "kafka"),
     Setting("group", "KAFKA_GROUP_ID", "bf_group", "consumer group", "group"),
@@ -295,8 +301,21 @@ def database_name(settings, side):
 def kafka_config(settings, **client_settings):
     """One librdkafka configuration dict: the bootstrap servers, the client's own
     settings, then KAFKA_CONFIG, which wins. librdkafka logs through the "kafka" logger."""
+    sasl = ({"sasl.username": settings.sasl_username, "sasl.password": settings.sasl_password}
+            if settings.sasl_username else {})
     return {"bootstrap.servers": settings.bootstrap_servers, "logger": KAFKA_LOG,
-            **client_settings, **settings.kafka_config}
+            "error_cb": _on_kafka_error, **sasl, **client_settings, **settings.kafka_config}
+
+
+def _on_kafka_error(error):
+    """librdkafka's errors. Refused credentials are no cause to retry: a ConfigError,
+    raised from the call that served the callback (poll, consume, flush), stops the
+    script with one line. The others repeat what librdkafka logs already."""
+    if error.code() in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
+        # The reason without the broker's address in front and the timing behind.
+        reason = re.sub(r"^\S+: | \(after \d+ms in state \w+\)$", "", error.str())
+        raise ConfigError(f"Kafka refused the credentials ({reason}); check KAFKA_SASL_USERNAME, "
+                          "KAFKA_SASL_PASSWORD and the sasl.mechanism in KAFKA_CONFIG")
 
 
 def producer_config(settings, client_id):
@@ -447,6 +466,7 @@ def check_topics(client, settings, topics, stop):
         try:
             existing = client.list_topics(timeout=5).topics
         except KafkaException as error:
+            client.poll(0)  # serves the error callback, which raises on refused credentials
             logging.getLogger().error("Kafka at %s did not answer (%s); retrying in 5 seconds",
                                       settings.bootstrap_servers, one_line(error))
             stop.sleep(5)

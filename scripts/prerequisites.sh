@@ -11,7 +11,7 @@ pg_bindir() {  # the newest PostgreSQL server's bin directory
 }
 
 # missing_prerequisites NEED...: sets MISSING to what of java, maven, server, psql,
-# pgbench and venv this machine lacks, and PACKAGES to the Debian packages that bring it.
+# pgbench, openssl and venv this machine lacks, and PACKAGES to the Debian packages that bring it.
 missing_prerequisites() {
     MISSING=() PACKAGES=()
     local need
@@ -24,6 +24,8 @@ missing_prerequisites() {
             # Debian 12 ships pgbench with the server (postgresql-15), later releases
             # with the client; the postgresql package brings it on both.
             pgbench) command -v pgbench >/dev/null || _missing pgbench postgresql ;;
+            # stack.sh makes the stack's TLS certificates with it.
+            openssl) command -v openssl >/dev/null || _missing openssl openssl ;;
             venv) "${PYTHON:-python3}" -c "import ensurepip, venv" 2>/dev/null \
                       || _missing python3-venv python3-venv ;;
         esac

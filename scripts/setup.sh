@@ -50,7 +50,7 @@ refuse_clusters_of_the_user() {
 }
 
 install_missing_packages() {  # returns 1 if nothing was missing
-    missing_prerequisites java maven server psql pgbench venv
+    missing_prerequisites java maven server psql pgbench openssl venv
     [ ${#PACKAGES[@]} -gt 0 ] || return 1
     command -v apt-get >/dev/null \
         || die "missing ${MISSING[*]}; install them (Debian's packages: ${PACKAGES[*]})"
@@ -63,7 +63,7 @@ install_missing_packages() {  # returns 1 if nothing was missing
     say "Installing ${PACKAGES[*]} (missing ${MISSING[*]})"
     $root apt-get update -q
     $root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${PACKAGES[@]}"
-    missing_prerequisites java maven server psql pgbench venv
+    missing_prerequisites java maven server psql pgbench openssl venv
     [ ${#MISSING[@]} -eq 0 ] || die "still missing ${MISSING[*]} after apt-get install -y ${PACKAGES[*]}"
 }
 

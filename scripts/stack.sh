@@ -47,7 +47,7 @@ SERVICES=(source dest kafka)
 source "$ROOT/scripts/prerequisites.sh"
 
 check_prerequisites() {
-    missing_prerequisites java maven server psql
+    missing_prerequisites java maven server psql openssl
     if [ ${#MISSING[@]} -gt 0 ]; then
         die "missing ${MISSING[*]}; install with: sudo apt-get install -y ${PACKAGES[*]}"
     fi

@@ -71,11 +71,13 @@ def services():
         apply_roles(side)
 
 
-def apply_roles(side, dbname=TEST_DB):
-    """roles.sql, as psql runs it (it uses psql's variables), with the test passwords."""
+def apply_roles(side, dbname=TEST_DB, **passwords):
+    """roles.sql, as psql runs it (it uses psql's variables), with the test passwords
+    or the given CDC_..._PASSWORD(_FILE) variables (None: unset)."""
+    env = {**os.environ, "PGPASSWORD": "postgres", **ROLE_PASSWORDS, **passwords}
     result = subprocess.run(["psql", "-h", "localhost", "-p", str(PORTS[side]), "-U", "postgres",
                              "-d", dbname, "-q", "-v", "ON_ERROR_STOP=1", "-f", str(ROLES_SQL[side])],
-                            env={**os.environ, "PGPASSWORD": "postgres", **ROLE_PASSWORDS},
+                            env={name: value for name, value in env.items() if value is not None},
                             capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
         pytest.fail(f"{ROLES_SQL[side]} failed on the {side} database:\n{result.stderr}", pytrace=False)
@@ -151,7 +153,9 @@ class Daemon:
 class Pipeline:
     """One test's topics, consumer group, emptied tables and daemons."""
 
-    def __init__(self, name, log_dir):
+    def __init__(self, name, log_dir, kafka=None):
+        self.kafka = kafka or {"bootstrap.servers": KAFKA}  # the tests' own Kafka clients' settings
+        self.roles = dict(DAEMON_ROLES)
         suffix = uuid.uuid4().hex[:8]
         self.topic = f"test_{name}_{suffix}"[:200]
         self.dlq_topic = f"{self.topic}_dlq"
@@ -160,10 +164,10 @@ class Pipeline:
         self.daemons = []
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1",
                     "SOURCE_DB_NAME": TEST_DB, "DEST_DB_NAME": TEST_DB,
-                    "KAFKA_BOOTSTRAP_SERVERS": KAFKA, "KAFKA_TOPIC": self.topic,
+                    "KAFKA_BOOTSTRAP_SERVERS": self.kafka["bootstrap.servers"], "KAFKA_TOPIC": self.topic,
                     "KAFKA_DLQ_TOPIC": self.dlq_topic, "KAFKA_GROUP_ID": self.group,
                     "RETRY_BACKOFF": "0.2"}
-        self.admin = AdminClient({"bootstrap.servers": KAFKA})
+        self.admin = AdminClient(self.kafka)
         for future in self.admin.create_topics([NewTopic(self.topic, 3, 1),
                                                 NewTopic(self.dlq_topic, 1, 1)]).values():
             future.result()
@@ -187,7 +191,7 @@ class Pipeline:
 
     def start(self, script, name=None, args=(), **env):
         """Starts a script as its role, with env added to the pipeline's (None: removed)."""
-        merged = {**self.env, **DAEMON_ROLES.get(script, {}), **env}
+        merged = {**self.env, **self.roles.get(script, {}), **env}
         daemon = Daemon(name or Path(script).stem, script,
                         {key: value for key, value in merged.items() if value is not None},
                         self.log_dir, args)
@@ -213,13 +217,13 @@ class Pipeline:
 
     def messages(self, topic=None):
         """Every message in a topic, as dicts with key, value, partition, offset, headers."""
-        return read_topic(topic or self.topic)
+        return read_topic(topic or self.topic, self.kafka)
 
     def produce(self, key, value, topic=None):
         """Produces one message as it is, straight to the topic; returns its
         (partition, offset)."""
         delivered = []
-        producer = Producer({"bootstrap.servers": KAFKA})
+        producer = Producer(self.kafka)
         producer.produce(topic or self.topic, key=key, value=value,
                          on_delivery=lambda error, message: delivered.append((error, message)))
         assert producer.flush(10) == 0
@@ -286,8 +290,8 @@ def assert_applied_once_in_order():
                             f"order, or never committed (source: {changes})", pytrace=False)
 
 
-def read_topic(topic):
-    reader = Consumer({"bootstrap.servers": KAFKA, "group.id": f"reader-{uuid.uuid4().hex}",
+def read_topic(topic, kafka=None):
+    reader = Consumer({**(kafka or {"bootstrap.servers": KAFKA}), "group.id": f"reader-{uuid.uuid4().hex}",
                        "enable.auto.commit": False})
     messages = []
     try:

@@ -16,7 +16,8 @@ sys.path.insert(0, str(ROOT))
 
 import config  # noqa: E402  (needs the repository root on sys.path)
 
-SETTING_NAMES = {setting.env for setting in config.SETTINGS}
+SETTING_NAMES = ({setting.env for setting in config.SETTINGS}
+                 | {setting.env + "_FILE" for setting in config.SETTINGS if setting.secret})
 
 
 @pytest.fixture(scope="module")
@@ -57,19 +58,23 @@ def test_kafka_runs_kraft(services):
     assert "healthcheck" in kafka
 
 
-@pytest.mark.parametrize("service, init_sql", [
-    ("db_source", "scripts/source/init.sql"), ("db_dst", "scripts/destination/init.sql")])
-def test_databases(services, service, init_sql):
+@pytest.mark.parametrize("service, scripts", [
+    ("db_source", "scripts/source"), ("db_dst", "scripts/destination")])
+def test_databases(services, service, scripts):
     database = services[service]
     assert database["image"] == "postgres:15"
     env = environment(database)
-    assert (env["POSTGRES_USER"], env["POSTGRES_PASSWORD"], env["POSTGRES_DB"]) == (
-        "postgres", "postgres", "postgres")
+    assert (env["POSTGRES_USER"], env["POSTGRES_PASSWORD_FILE"], env["POSTGRES_DB"]) == (
+        "postgres", "/run/secrets/postgres_password", "postgres")
     mounts = [volume.split(":") for volume in database["volumes"]]
-    assert [f"./{init_sql}"] == [host for host, target, *_ in mounts
-                                 if target.startswith("/docker-entrypoint-initdb.d/")]
+    # In name order: the schema, then the roles that are granted on it.
+    assert [f"./{scripts}/init.sql", f"./{scripts}/roles.sql"] == [
+        host for host, target, *_ in mounts if target.startswith("/docker-entrypoint-initdb.d/")]
+    assert (ROOT / scripts / "init.sql").is_file() and (ROOT / scripts / "roles.sql").is_file()
+    # roles.sql includes ../role_passwords.psql, relative to where it is mounted.
+    assert ["./scripts/role_passwords.psql", "/role_passwords.psql"] in [mount[:2] for mount in mounts]
+    assert "\\ir ../role_passwords.psql" in (ROOT / scripts / "roles.sql").read_text()
     assert "/var/lib/postgresql/data" in named_volume_targets(database)
-    assert (ROOT / init_sql).is_file()
     assert "pg_isready" in database["healthcheck"]["test"]
 
 
@@ -132,3 +137,20 @@ def test_dockerfile_installs_the_runtime_requirements_and_runs_unprivileged():
 def test_dockerignore_keeps_local_files_and_the_tests_out():
     ignored = set((ROOT / ".dockerignore").read_text().splitlines())
     assert {".stack/", ".venv/", ".git/", ".env", "tests/", "requirements-test.txt"} <= ignored
+
+
+def test_passwords_are_secrets_never_inline(services):
+    secrets = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["secrets"]
+    for name, service in services.items():
+        env = environment(service)
+        assert not [key for key in env if key.endswith("PASSWORD")], name
+        for key, path in env.items():
+            if key.endswith("PASSWORD_FILE"):
+                secret = path.removeprefix("/run/secrets/")
+                assert secret in service["secrets"], (name, key)
+                assert (ROOT / secrets[secret]["file"]).read_text().strip(), secret
+
+
+@pytest.mark.parametrize("service, user", [("producer", "SOURCE_DB_USER"), ("consumer", "DEST_DB_USER")])
+def test_daemons_log_in_as_their_roles(services, service, user):
+    assert environment(services[service])[user] == f"cdc_{service}"

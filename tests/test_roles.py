@@ -82,3 +82,15 @@ def test_roles_sql_runs_again_without_harm(services):
         apply_roles(side)
     assert query("source", "SELECT has_table_privilege('cdc_producer', 'employees', 'SELECT')") == [(False,)]
     assert query("dest", "SELECT has_table_privilege('cdc_consumer', 'employees', 'INSERT')") == [(True,)]
+
+
+def test_roles_sql_reads_a_password_from_the_file_the_environment_names(services, tmp_path):
+    secret = tmp_path / "reader_password"
+    secret.write_text("reader-from-file\n")
+    try:
+        apply_roles("dest", CDC_READER_PASSWORD=None, CDC_READER_PASSWORD_FILE=str(secret))
+        with closing(psycopg2.connect(host="localhost", port=PORTS["dest"], user="cdc_reader",
+                                      password="reader-from-file", dbname=TEST_DB, connect_timeout=5)):
+            pass
+    finally:
+        apply_roles("dest")  # the test password again

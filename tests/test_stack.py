@@ -10,14 +10,14 @@ from conftest import KAFKA, ROOT, stack
 
 
 def test_a_missing_prerequisite_is_named_with_its_install_command(tmp_path):
-    # A PATH with the shell's basic tools and none of java, mvn, psql.
+    # A PATH with the shell's basic tools and none of java, mvn, psql, openssl.
     for tool in ["bash", "dirname", "ls", "sort", "id", "cat"]:
         (tmp_path / tool).symlink_to(shutil.which(tool))
     result = subprocess.run(["bash", str(ROOT / "scripts/stack.sh"), "up"], env={"PATH": str(tmp_path)},
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert result.stderr.strip() == ("Error: missing Java Maven psql; install with: "
-                                     "sudo apt-get install -y openjdk-17-jre-headless maven postgresql-client")
+    assert result.stderr.strip() == ("Error: missing Java Maven psql openssl; install with: sudo apt-get "
+                                     "install -y openjdk-17-jre-headless maven postgresql-client openssl")
 
 
 @pytest.mark.parametrize("command", ["up", "down", "reset"])

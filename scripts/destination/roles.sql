@@ -4,18 +4,11 @@
 --
 --   psql -v ON_ERROR_STOP=1 -v consumer_password=... -v reader_password=... -f roles.sql
 --
--- A password comes from the psql variable, else the environment (CDC_CONSUMER_PASSWORD,
--- CDC_READER_PASSWORD); without either the role's password is left as it is (a new role
--- then has none and cannot log in over TCP until one is set).
-
-\if :{?consumer_password}
-\else
-\getenv consumer_password CDC_CONSUMER_PASSWORD
-\endif
-\if :{?reader_password}
-\else
-\getenv reader_password CDC_READER_PASSWORD
-\endif
+-- The passwords: psql -v consumer_password=..., or the environment's CDC_CONSUMER_PASSWORD,
+-- or the file CDC_CONSUMER_PASSWORD_FILE names (and the same for the reader); see
+-- role_passwords.psql. Without any, a role's password is left as it is (a new role then
+-- has none and cannot log in over TCP until one is set).
+\ir ../role_passwords.psql
 
 SELECT 'CREATE ROLE cdc_consumer LOGIN'
 WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'cdc_consumer') \gexec
