@@ -245,7 +245,8 @@ RECORD_APPLIED = """
 CREATE TABLE applied_history (
     seq bigserial PRIMARY KEY, emp_id int, action text, first_name text, last_name text,
     dob text, city text, salary int);
-CREATE OR REPLACE FUNCTION record_applied() RETURNS trigger LANGUAGE plpgsql AS $$
+-- SECURITY DEFINER: the consumer's role may write employees and nothing else.
+CREATE OR REPLACE FUNCTION record_applied() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
 BEGIN
     IF TG_OP = 'DELETE' THEN
         INSERT INTO applied_history (emp_id, action) VALUES (OLD.emp_id, 'DELETE');
