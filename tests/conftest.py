@@ -40,9 +40,15 @@ def connect(side, dbname=TEST_DB):
     return connection
 
 
-def stack(*args):
-    return subprocess.run(["bash", str(ROOT / "scripts/stack.sh"), *args],
-                          capture_output=True, text=True, timeout=300)
+def stack(*args, timeout=300, **env):
+    """scripts/stack.sh with the arguments; env overrides its variables (KAFKA_BROKERS, say)."""
+    return subprocess.run(["bash", str(ROOT / "scripts/stack.sh"), *args], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cluster: runs on a three-node Kafka cluster of its own "
+                                       "(tests/test_cluster.py); -m 'not cluster' leaves them out")
 
 
 @pytest.fixture(scope="session")
@@ -128,21 +134,25 @@ class Daemon:
 class Pipeline:
     """One test's topics, consumer group, emptied tables and daemons."""
 
-    def __init__(self, name, log_dir):
+    def __init__(self, name, log_dir, kafka=KAFKA, replicas=1):
         suffix = uuid.uuid4().hex[:8]
         self.topic = f"test_{name}_{suffix}"[:200]
         self.dlq_topic = f"{self.topic}_dlq"
         self.group = f"{self.topic}_group"
         self.log_dir = log_dir
+        self.kafka = kafka
         self.daemons = []
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1",
                     "SOURCE_DB_NAME": TEST_DB, "DEST_DB_NAME": TEST_DB,
-                    "KAFKA_BOOTSTRAP_SERVERS": KAFKA, "KAFKA_TOPIC": self.topic,
+                    "KAFKA_BOOTSTRAP_SERVERS": kafka, "KAFKA_TOPIC": self.topic,
                     "KAFKA_DLQ_TOPIC": self.dlq_topic, "KAFKA_GROUP_ID": self.group,
                     "RETRY_BACKOFF": "0.2"}
-        self.admin = AdminClient({"bootstrap.servers": KAFKA})
-        for future in self.admin.create_topics([NewTopic(self.topic, 3, 1),
-                                                NewTopic(self.dlq_topic, 1, 1)]).values():
+        self.admin = AdminClient({"bootstrap.servers": kafka})
+        # As stack.sh and admin.py create them: on a cluster, a write needs 2 of 3 replicas.
+        replicated = {"min.insync.replicas": "2" if replicas >= 3 else "1"}
+        for future in self.admin.create_topics([NewTopic(self.topic, 3, replicas, config=replicated),
+                                                NewTopic(self.dlq_topic, 1, replicas, config=replicated)
+                                                ]).values():
             future.result()
         self.reset_tables()
 
@@ -179,13 +189,13 @@ class Pipeline:
 
     def messages(self, topic=None):
         """Every message in a topic, as dicts with key, value, partition, offset, headers."""
-        return read_topic(topic or self.topic)
+        return read_topic(topic or self.topic, self.kafka)
 
     def produce(self, key, value, topic=None):
         """Produces one message as it is, straight to the topic; returns its
         (partition, offset)."""
         delivered = []
-        producer = Producer({"bootstrap.servers": KAFKA})
+        producer = Producer({"bootstrap.servers": self.kafka})
         producer.produce(topic or self.topic, key=key, value=value,
                          on_delivery=lambda error, message: delivered.append((error, message)))
         assert producer.flush(10) == 0
@@ -201,8 +211,8 @@ class Pipeline:
             future.result()
 
 
-def read_topic(topic):
-    reader = Consumer({"bootstrap.servers": KAFKA, "group.id": f"reader-{uuid.uuid4().hex}",
+def read_topic(topic, kafka=KAFKA):
+    reader = Consumer({"bootstrap.servers": kafka, "group.id": f"reader-{uuid.uuid4().hex}",
                        "enable.auto.commit": False})
     messages = []
     try:
