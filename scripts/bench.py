@@ -54,7 +54,8 @@ def drop_databases(settings):
             cursor.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
 
 
-def wait_for(cursor, sql, expected, timeout=600):
+def wait_for(cursor, sql, expected, timeout=600, interval=0.001):
+    """When the query's value became `expected`, looking every `interval` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         cursor.execute(sql)
@@ -62,7 +63,7 @@ def wait_for(cursor, sql, expected, timeout=600):
             return time.monotonic()
         if time.monotonic() > deadline:
             raise SystemExit(f"Error: the destination did not get there within {timeout} s")
-        time.sleep(0.001)
+        time.sleep(interval)
 
 
 def measure_latency(source, dest, samples):
