@@ -25,6 +25,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import admin  # noqa: E402  (needs the repository root on sys.path)
+
 TEST_DB = "cdc_test"
 # The stack's ports, moved by the same variables as scripts/stack.sh and the daemons.
 KAFKA = f"localhost:{os.environ.get('KAFKA_PORT', 29092)}"
@@ -148,8 +150,8 @@ class Pipeline:
                     "KAFKA_DLQ_TOPIC": self.dlq_topic, "KAFKA_GROUP_ID": self.group,
                     "RETRY_BACKOFF": "0.2"}
         self.admin = AdminClient({"bootstrap.servers": kafka})
-        # As stack.sh and admin.py create them: on a cluster, a write needs 2 of 3 replicas.
-        replicated = {"min.insync.replicas": "2" if replicas >= 3 else "1"}
+        # As admin.py creates them: on a cluster, a write needs 2 of 3 replicas.
+        replicated = {"min.insync.replicas": str(admin.default_min_insync(replicas))}
         for future in self.admin.create_topics([NewTopic(self.topic, 3, replicas, config=replicated),
                                                 NewTopic(self.dlq_topic, 1, replicas, config=replicated)
                                                 ]).values():
