@@ -23,10 +23,11 @@ from types import SimpleNamespace
 
 from confluent_kafka.admin import AdminClient, NewTopic
 
+# bench.py, beside this script, also puts the project's modules on sys.path.
 from bench import DATABASE, ROOT, connect, create_databases, drop_databases, wait_for
 
-import admin  # noqa: E402  (bench put the project's modules on sys.path)
-import config  # noqa: E402
+import admin
+import config
 
 INSERT_BACKLOG = ("INSERT INTO employees SELECT g, 'First' || g, 'Last', DATE '1990-01-01' + mod(g, 9000), "
                   "'City', g FROM generate_series(1, %s) g")
