@@ -97,7 +97,8 @@ def drop_databases(settings):
             cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def wait_for(cursor, sql, expected, timeout=600):
+def wait_for(cursor, sql, expected, timeout=600, interval=0.001):
+    """When the query's value became `expected`, looking every `interval` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         cursor.execute(sql)
@@ -105,7 +106,7 @@ def wait_for(cursor, sql, expected, timeout=600):
             return time.monotonic()
         if time.monotonic() > deadline:
             raise SystemExit(f"Error: the destination did not get there within {timeout} s")
-        time.sleep(0.001)
+        time.sleep(interval)
 
 
 def wait_for_equal(source, dest, timeout=600):

@@ -451,7 +451,7 @@ cmd_reset() {
     say "Wiped the data of: $* (the Kafka jars are kept)"
 }
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
 
 case ${1:-} in
     up|down|kill|reset) command=$1; shift; check_names "$@"; "cmd_$command" "$@" ;;

@@ -25,6 +25,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import admin  # noqa: E402  (needs the repository root on sys.path)
+
 TEST_DB = "cdc_test"
 # The stack's ports, moved by the same variables as scripts/stack.sh and the daemons.
 KAFKA = f"localhost:{os.environ.get('KAFKA_PORT', 29092)}"
@@ -52,9 +54,15 @@ def connect(side, dbname=TEST_DB):
     return connection
 
 
-def stack(*args):
-    return subprocess.run(["bash", str(ROOT / "scripts/stack.sh"), *args],
-                          capture_output=True, text=True, timeout=300)
+def stack(*args, timeout=300, **env):
+    """scripts/stack.sh with the arguments; env overrides its variables (KAFKA_BROKERS, say)."""
+    return subprocess.run(["bash", str(ROOT / "scripts/stack.sh"), *args], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cluster: runs on a three-node Kafka cluster of its own "
+                                       "(tests/test_cluster.py); -m 'not cluster' leaves them out")
 
 
 @pytest.fixture(scope="session")
@@ -153,7 +161,7 @@ class Daemon:
 class Pipeline:
     """One test's topics, consumer group, emptied tables and daemons."""
 
-    def __init__(self, name, log_dir, kafka=None):
+    def __init__(self, name, log_dir, kafka=None, replicas=1):
         self.kafka = kafka or {"bootstrap.servers": KAFKA}  # the tests' own Kafka clients' settings
         self.roles = dict(DAEMON_ROLES)
         suffix = uuid.uuid4().hex[:8]
@@ -168,8 +176,11 @@ class Pipeline:
                     "KAFKA_DLQ_TOPIC": self.dlq_topic, "KAFKA_GROUP_ID": self.group,
                     "RETRY_BACKOFF": "0.2"}
         self.admin = AdminClient(self.kafka)
-        for future in self.admin.create_topics([NewTopic(self.topic, 3, 1),
-                                                NewTopic(self.dlq_topic, 1, 1)]).values():
+        # As admin.py creates them: on a cluster, a write needs 2 of 3 replicas.
+        replicated = {"min.insync.replicas": str(admin.default_min_insync(replicas))}
+        for future in self.admin.create_topics([NewTopic(self.topic, 3, replicas, config=replicated),
+                                                NewTopic(self.dlq_topic, 1, replicas, config=replicated)
+                                                ]).values():
             future.result()
         self.reset_tables()
 

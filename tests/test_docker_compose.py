@@ -78,9 +78,8 @@ def test_databases(services, service, scripts):
     assert "pg_isready" in database["healthcheck"]["test"]
 
 
-def test_setup_creates_topics(services):
-    setup = services["kafka-setup"]
-    assert setup["depends_on"]["kafka"]["condition"] == "service_healthy"
+def created_topics(setup):
+    """What a topic set-up job's command creates: {topic: (partitions, replicas, configs, bootstrap)}."""
     command = setup["command"]
     script = command[-1] if isinstance(command, list) else command
     created = {}
@@ -88,9 +87,18 @@ def test_setup_creates_topics(services):
         args = shlex.split(invocation)
         assert args[0] == "/opt/kafka/bin/kafka-topics.sh"
         assert "--create" in args and "--if-not-exists" in args
-        assert args[args.index("--bootstrap-server") + 1] == "kafka:9092"
-        created[args[args.index("--topic") + 1]] = args[args.index("--partitions") + 1]
-    assert created == {"bf_employee_cdc": "3", "bf_employee_cdc_dlq": "1"}
+        configs = [args[i + 1] for i, arg in enumerate(args) if arg == "--config"]
+        created[args[args.index("--topic") + 1]] = (
+            args[args.index("--partitions") + 1], args[args.index("--replication-factor") + 1],
+            configs, args[args.index("--bootstrap-server") + 1])
+    return created
+
+
+def test_setup_creates_topics(services):
+    setup = services["kafka-setup"]
+    assert setup["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert created_topics(setup) == {"bf_employee_cdc": ("3", "1", [], "kafka:9092"),
+                                     "bf_employee_cdc_dlq": ("1", "1", [], "kafka:9092")}
 
 
 @pytest.mark.parametrize("service, database, expected", [
@@ -154,3 +162,58 @@ def test_passwords_are_secrets_never_inline(services):
 @pytest.mark.parametrize("service, user", [("producer", "SOURCE_DB_USER"), ("consumer", "DEST_DB_USER")])
 def test_daemons_log_in_as_their_roles(services, service, user):
     assert environment(services[service])[user] == f"cdc_{service}"
+
+
+# --- profile cluster -----------------------------------------------------------------
+
+CLUSTER_NODES = {"kafka1": (1, 29092), "kafka2": (2, 29094), "kafka3": (3, 29096)}
+CLUSTER_BOOTSTRAP = "kafka1:9092,kafka2:9092,kafka3:9092"
+
+
+def test_the_cluster_is_a_profile_of_its_own(services):
+    in_profile = {name for name, service in services.items() if "cluster" in service.get("profiles", [])}
+    assert in_profile == {*CLUSTER_NODES, "kafka-cluster-setup", "producer-cluster", "consumer-cluster"}
+    # The default stack neither starts nor waits for a node of the cluster.
+    for name, service in services.items():
+        if name not in in_profile:
+            assert "profiles" not in service
+            assert not set(service.get("depends_on", {})) & in_profile
+
+
+@pytest.mark.parametrize("name", sorted(CLUSTER_NODES))
+def test_cluster_nodes_are_kraft_voters_with_replicated_internal_topics(services, name):
+    node = services[name]
+    node_id, host_port = CLUSTER_NODES[name]
+    env = environment(node)
+    assert node["image"] == services["kafka"]["image"]
+    assert env["KAFKA_NODE_ID"] == str(node_id)
+    assert env["KAFKA_PROCESS_ROLES"].split(",") == ["broker", "controller"]
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == "1@kafka1:9093,2@kafka2:9093,3@kafka3:9093"
+    assert env["CLUSTER_ID"] == environment(services["kafka1"])["CLUSTER_ID"]
+    assert f"PLAINTEXT://{name}:9092" in env["KAFKA_ADVERTISED_LISTENERS"]
+    assert f"PLAINTEXT_HOST://localhost:{host_port}" in env["KAFKA_ADVERTISED_LISTENERS"]
+    assert [str(port) for port in node["ports"]] == [f"{host_port}:{host_port}"]
+    for key in ("OFFSETS_TOPIC", "TRANSACTION_STATE_LOG", "SHARE_COORDINATOR_STATE_TOPIC"):
+        assert env[f"KAFKA_{key}_REPLICATION_FACTOR"] == "3"
+    assert env["KAFKA_TRANSACTION_STATE_LOG_MIN_ISR"] == env["KAFKA_MIN_INSYNC_REPLICAS"] == "2"
+    assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+    assert "healthcheck" in node
+
+
+def test_cluster_setup_creates_topics_with_three_replicas(services):
+    setup = services["kafka-cluster-setup"]
+    assert setup["depends_on"] == {name: {"condition": "service_healthy"} for name in CLUSTER_NODES}
+    replicated = ["min.insync.replicas=2"]
+    assert created_topics(setup) == {"bf_employee_cdc": ("3", "3", replicated, CLUSTER_BOOTSTRAP),
+                                     "bf_employee_cdc_dlq": ("1", "3", replicated, CLUSTER_BOOTSTRAP)}
+
+
+@pytest.mark.parametrize("service", ["producer", "consumer"])
+def test_cluster_daemons_are_the_daemons_on_the_cluster(services, service):
+    single, on_cluster = services[service], services[f"{service}-cluster"]
+    assert environment(on_cluster) == {**environment(single), "KAFKA_BOOTSTRAP_SERVERS": CLUSTER_BOOTSTRAP}
+    assert on_cluster["depends_on"] == {
+        **{name: dependency for name, dependency in single["depends_on"].items() if name != "kafka-setup"},
+        "kafka-cluster-setup": {"condition": "service_completed_successfully"}}
+    for key in ("build", "command", "restart"):
+        assert on_cluster[key] == single[key]

@@ -28,3 +28,15 @@ def test_an_unknown_service_is_named_before_anything_is_touched(services, comman
     # Kafka, named first, was neither stopped nor wiped.
     assert stack("status").returncode == 0
     assert "bf_employee_cdc" in AdminClient({"bootstrap.servers": KAFKA}).list_topics(timeout=10).topics
+
+
+@pytest.mark.parametrize("brokers, args, error", [
+    ("x", ["status"], "Error: KAFKA_BROKERS: 'x' is not a number of Kafka nodes from 1 to 9"),
+    ("3", ["up", "kafka4"], "Error: unknown service 'kafka4' (expected: source dest kafka kafka1 kafka2 kafka3)"),
+    ("3", ["reset", "kafka2"], "Error: one node of a cluster cannot be wiped alone; "
+                               "wipe them all with: scripts/stack.sh reset kafka")])
+def test_a_cluster_setting_or_node_that_cannot_be_is_named(brokers, args, error):
+    # On ports of no stack: refused before anything is touched.
+    result = stack(*args, KAFKA_BROKERS=brokers, KAFKA_PORT="1")
+    assert result.returncode == 1
+    assert result.stderr.strip() == error
