@@ -55,12 +55,17 @@ def list_topics(admin, settings):
             print(f"  {name} ({count} partition{'s' * (count != 1)})")
 
 
+def contract_partitions(settings):
+    """The topics `create` makes when none is named, with their partitions."""
+    return {settings.topic: 3, settings.dlq_topic: 1}
+
+
 def create_topics(admin, settings):
-    contract_partitions = {settings.topic: 3, settings.dlq_topic: 1}
-    names = settings.topics or list(contract_partitions)
+    default_topics = contract_partitions(settings)
+    names = settings.topics or list(default_topics)
     replicas = settings.replication_factor or min(len(admin.list_topics(timeout=TIMEOUT).brokers), 3)
     min_insync = settings.min_insync_replicas or default_min_insync(replicas)
-    new_topics = [NewTopic(name, settings.partitions or contract_partitions.get(name, 1), replicas,
+    new_topics = [NewTopic(name, settings.partitions or default_topics.get(name, 1), replicas,
                            config={"min.insync.replicas": str(min_insync)}) for name in names]
     failed = False
     for topic in new_topics:

@@ -4,9 +4,12 @@ No Docker engine runs where the suite runs, so these checks keep the file in ste
 with the local stack and with config.py instead of starting it.
 """
 
+import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -14,7 +17,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import config  # noqa: E402  (needs the repository root on sys.path)
+import admin  # noqa: E402  (needs the repository root on sys.path)
+import config  # noqa: E402
 
 SETTING_NAMES = ({setting.env for setting in config.SETTINGS}
                  | {setting.env + "_FILE" for setting in config.SETTINGS if setting.secret})
@@ -38,10 +42,75 @@ def test_services(services):
     assert not [name for name in services if "zookeeper" in name.lower()]
 
 
-@pytest.mark.parametrize("service, port", [
-    ("db_source", "5432:5432"), ("db_dst", "5433:5432"), ("kafka", "29092:29092")])
-def test_published_ports(services, service, port):
-    assert port in [str(published) for published in services[service]["ports"]]
+DEFAULTS = {setting.env: setting.default for setting in config.SETTINGS}
+# Settings whose values name hosts: host:port lists, listeners (NAME://host:port), voters (id@host:port).
+ADDRESS_SETTINGS = ("KAFKA_BOOTSTRAP_SERVERS", "KAFKA_ADVERTISED_LISTENERS", "KAFKA_CONTROLLER_QUORUM_VOTERS")
+
+
+def addresses(value):
+    """The (host, port) pairs a setting's value names."""
+    return [(host, int(port)) for host, port in re.findall(r"(?:^|[,/@ ])([A-Za-z0-9_.-]+):(\d+)", value)]
+
+
+def hosts_named(service):
+    """(setting, host) for every host a service's environment or set-up command names."""
+    named = []
+    for key, value in environment(service).items():
+        if key.endswith("_HOST"):
+            named.append((key, value))
+        elif key in ADDRESS_SETTINGS:
+            named += [(key, host) for host, _ in addresses(value)]
+    command = service.get("command")
+    script = " ".join(command) if isinstance(command, list) else command or ""
+    for servers in re.findall(r"--bootstrap-server (\S+)", script):
+        named += [("--bootstrap-server", host) for host, _ in addresses(servers)]
+    return named
+
+
+def test_every_host_named_is_a_service(services):
+    for name, service in services.items():
+        for key, host in hosts_named(service):
+            # Inside a container localhost is the container: only a broker may name it, for
+            # its own controller and for the clients on the host (its PLAINTEXT_HOST listener).
+            broker = "KAFKA_NODE_ID" in environment(service)
+            assert host in services or (broker and host == "localhost"), f"{name}: {key} names {host!r}"
+
+
+def listener_ports(broker):
+    return {name: int(port) for name, port in re.findall(r"(\w+)://[^:,]*:(\d+)",
+                                                           environment(broker)["KAFKA_LISTENERS"])}
+
+
+def advertised(broker):
+    return {name: (host, int(port)) for name, host, port in re.findall(
+        r"(\w+)://([^:,]+):(\d+)", environment(broker)["KAFKA_ADVERTISED_LISTENERS"])}
+
+
+def test_the_daemons_reach_what_listens(services):
+    """The daemons name ports the databases listen on (5432 in the postgres image) and
+    brokers' listeners that advertise the very address the daemon used."""
+    for name, service in services.items():
+        env = environment(service)
+        for side, variable in (("SOURCE", "db_source"), ("DEST", "db_dst")):
+            if f"{side}_DB_HOST" in env:
+                assert (env[f"{side}_DB_HOST"], env[f"{side}_DB_PORT"]) == (variable, "5432"), name
+        for host, port in addresses(env.get("KAFKA_BOOTSTRAP_SERVERS", "")):
+            broker = services[host]
+            [listener] = [listener for listener, (advertised_host, advertised_port) in advertised(broker).items()
+                          if (advertised_host, advertised_port) == (host, port)]
+            assert listener_ports(broker)[listener] == port, f"{name} -> {host}:{port}"
+
+
+def test_the_host_reaches_the_stack_with_the_clients_defaults(services):
+    """admin.py and test_pipeline.py on the host work unchanged: the published ports are
+    config.py's defaults, and the broker advertises its default bootstrap address."""
+    published = {name: [str(port) for port in service.get("ports", [])] for name, service in services.items()}
+    assert f"{DEFAULTS['SOURCE_DB_PORT']}:5432" in published["db_source"]
+    assert f"{DEFAULTS['DEST_DB_PORT']}:5432" in published["db_dst"]
+    [(host, port)] = addresses(DEFAULTS["KAFKA_BOOTSTRAP_SERVERS"])
+    for broker in ("kafka", "kafka1"):
+        [listener] = [listener for listener, address in advertised(services[broker]).items() if address == (host, port)]
+        assert f"{port}:{listener_ports(services[broker])[listener]}" in published[broker]
 
 
 def test_kafka_runs_kraft(services):
@@ -99,6 +168,17 @@ def test_setup_creates_topics(services):
     assert setup["depends_on"]["kafka"]["condition"] == "service_healthy"
     assert created_topics(setup) == {"bf_employee_cdc": ("3", "1", [], "kafka:9092"),
                                      "bf_employee_cdc_dlq": ("1", "1", [], "kafka:9092")}
+
+
+@pytest.mark.parametrize("setup, brokers", [("kafka-setup", 1), ("kafka-cluster-setup", 3)])
+def test_topic_setup_is_what_admin_create_makes(services, setup, brokers):
+    topics = SimpleNamespace(topic=DEFAULTS["KAFKA_TOPIC"], dlq_topic=DEFAULTS["KAFKA_DLQ_TOPIC"])
+    replicas = min(brokers, 3)  # admin.py create's default on that many brokers
+    expected = {name: (str(partitions), str(replicas), str(admin.default_min_insync(replicas)))
+                for name, partitions in admin.contract_partitions(topics).items()}
+    created = {name: (partitions, rf, dict(config.split("=") for config in configs).get("min.insync.replicas", "1"))
+               for name, (partitions, rf, configs, _) in created_topics(services[setup]).items()}
+    assert created == expected
 
 
 @pytest.mark.parametrize("service, database, expected", [
@@ -217,3 +297,14 @@ def test_cluster_daemons_are_the_daemons_on_the_cluster(services, service):
         "kafka-cluster-setup": {"condition": "service_completed_successfully"}}
     for key in ("build", "command", "restart"):
         assert on_cluster[key] == single[key]
+
+
+def test_docker_compose_accepts_the_file():
+    """Where a Docker client with compose exists, it parses the file as Docker would
+    (this machine's client has no compose plugin, so here the checks above stand alone)."""
+    if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0:
+        pytest.skip("no `docker compose` on this machine")
+    for profile in ([], ["--profile", "cluster"]):
+        result = subprocess.run(["docker", "compose", *profile, "config", "--quiet"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
