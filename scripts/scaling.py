@@ -16,7 +16,6 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 import uuid
 from contextlib import closing, contextmanager
 from types import SimpleNamespace

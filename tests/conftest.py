@@ -19,8 +19,8 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -229,6 +229,24 @@ class Pipeline:
     def messages(self, topic=None):
         """Every message in a topic, as dicts with key, value, partition, offset, headers."""
         return read_topic(topic or self.topic, self.kafka)
+
+    def committed_offsets(self, group=None):
+        """The group's committed offset per partition of the topic (none yet: left out)."""
+        request = ConsumerGroupTopicPartitions(group or self.group)
+        [future] = self.admin.list_consumer_group_offsets([request]).values()
+        return {tp.partition: tp.offset for tp in future.result().topic_partitions
+                if tp.topic == self.topic and tp.offset >= 0}
+
+    def end_offsets(self):
+        """The topic's end offset per partition that has messages."""
+        partitions = self.admin.list_topics(self.topic, timeout=10).topics[self.topic].partitions
+        futures = self.admin.list_offsets({TopicPartition(self.topic, p): OffsetSpec.latest() for p in partitions})
+        ends = {tp.partition: future.result().offset for tp, future in futures.items()}
+        return {partition: end for partition, end in ends.items() if end > 0}
+
+    def caught_up(self, group=None):
+        """Whether the group has committed every message of the topic as consumed."""
+        return self.committed_offsets(group) == self.end_offsets()
 
     def produce(self, key, value, topic=None):
         """Produces one message as it is, straight to the topic; returns its

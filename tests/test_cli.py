@@ -11,7 +11,7 @@ from contextlib import closing
 import pytest
 
 import config
-from conftest import KAFKA, PORTS, ROOT, connect, wait_until
+from conftest import KAFKA, PORTS, ROOT, connect
 
 SCRIPTS = ["producer.py", "consumer.py", "admin.py", "test_pipeline.py"]
 

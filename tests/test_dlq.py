@@ -9,13 +9,12 @@ from datetime import datetime
 from types import SimpleNamespace
 
 import pytest
-from confluent_kafka import ConsumerGroupTopicPartitions
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
 
 import config
 import dlq
 
-from conftest import KAFKA, PORTS, ROOT, Pipeline, employees, processed, query, stack, wait_until
+from conftest import KAFKA, PORTS, ROOT, Pipeline, employees, query, stack, wait_until
 
 
 def change(emp_id, action_id=1, action="INSERT", **fields):
@@ -123,19 +122,13 @@ def test_constraint_violation_is_parked_and_the_next_is_applied(running):
     assert record["headers"]["dlq.error_class"] == "CheckViolation"
 
 
-def committed_offsets(pipeline):
-    group = ConsumerGroupTopicPartitions(pipeline.group)
-    [future] = pipeline.admin.list_consumer_group_offsets([group]).values()
-    return {tp.partition: tp.offset for tp in future.result().topic_partitions if tp.offset >= 0}
-
-
 def test_parked_offsets_were_committed(pipeline):
     """Restarted, the consumer parks nothing twice: the bad message's offset was committed."""
     consumer = pipeline.consumer()
     partition, offset = pipeline.produce(b"7001", b"{not json")
     wait_until(lambda: dlq_records(pipeline), 30, "the bad message in the DLQ", [consumer])
     assert consumer.stop() == 0
-    assert committed_offsets(pipeline)[partition] == offset + 1
+    assert pipeline.committed_offsets()[partition] == offset + 1
     again = pipeline.consumer("consumer-again")
     pipeline.produce(b"8200", encoded(change(8200)))
     wait_until(lambda: query("dest", "SELECT 1 FROM employees WHERE emp_id = 8200"), 30,
@@ -152,13 +145,13 @@ def test_offsets_wait_until_the_dlq_has_the_reject(pipeline):
     partition, offset = pipeline.produce(b"7001", b"{not json")
     consumer.wait_for_log("Invalid message in")
     time.sleep(6)  # longer than the 5 s between librdkafka's offset commits
-    assert committed_offsets(pipeline).get(partition, 0) <= offset, "the offset moved past a reject the DLQ never took"
+    assert pipeline.committed_offsets().get(partition, 0) <= offset, "the offset moved past a reject the DLQ never took"
     assert "Message sent to DLQ" not in consumer.log()
     [future] = pipeline.admin.create_topics([NewTopic(pipeline.dlq_topic, 1, 1)]).values()
     future.result()
     [record] = wait_until(lambda: dlq_records(pipeline), 60, "the reject in the DLQ once it exists", [consumer])
     assert (record["partition"], record["offset"]) == (partition, offset)
-    wait_until(lambda: committed_offsets(pipeline).get(partition) == offset + 1, 30,
+    wait_until(lambda: pipeline.committed_offsets().get(partition) == offset + 1, 30,
                "the offset to move past the reject once the DLQ has it", [consumer])
     pipeline.produce(b"8300", encoded(change(8300)))
     wait_until(lambda: query("dest", "SELECT 1 FROM employees WHERE emp_id = 8300"), 30,
@@ -259,9 +252,8 @@ def test_destination_outage_retries_parks_then_replay_restores(pipeline):
     before = query("dest", "SELECT xmin::text, * FROM employees ORDER BY emp_id")
     assert admin(pipeline, "dlq", "replay").stdout.strip() == f"Nothing to replay from {pipeline.dlq_topic}."
     assert admin(pipeline, "dlq", "count").stdout.strip() == "0"
-    done = processed(consumer)
     assert "Replayed 22 messages" in admin(pipeline, "dlq", "replay", "--all").stdout
-    wait_until(lambda: processed(consumer) >= done + 22, 30, "the forced replay to be consumed", [consumer])
+    wait_until(pipeline.caught_up, 30, "the forced replay to be consumed", [consumer])
     assert query("dest", "SELECT xmin::text, * FROM employees ORDER BY emp_id") == before
     assert employees("dest") == employees("source")
 
