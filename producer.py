@@ -181,7 +181,9 @@ class CdcProducer:
             if not self.wait_for_lock(cursor):
                 return
             try:
-                cursor.execute("SELECT FROM emp_cdc LIMIT 0")  # there, and readable
+                # Planned once per connection: each look is then only its two
+                # probes. It also finds emp_cdc missing or unreadable.
+                cursor.execute("PREPARE new_changes AS " + NEW_CHANGES)
                 cursor.execute("SELECT last_action_id FROM cdc_offset WHERE id = 1")
             except psycopg2.ProgrammingError as error:
                 raise config.ConfigError(f"source database {config.database_name(self.settings, 'source')}: "
@@ -322,7 +324,7 @@ class CdcProducer:
         wait = FIRST_WAIT
         with self.db.cursor() as cursor:
             while not self.stop.requested and time.monotonic() < self.next_purge:
-                cursor.execute(NEW_CHANGES)
+                cursor.execute("EXECUTE new_changes")
                 if cursor.fetchone()[0]:
                     return
                 self.stop.sleep(wait)
