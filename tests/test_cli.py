@@ -159,6 +159,12 @@ def test_readme_and_env_example_document_every_setting_and_nothing_else():
     assert set(re.findall(r"^([A-Z_]+)=", example, re.M)) == {setting.env for setting in config.SETTINGS}
 
 
+def test_readme_tests_table_names_every_test_file():
+    readme = (ROOT / "README.md").read_text()
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        assert f"| `tests/{path.name}`" in readme or f", `tests/{path.name}`" in readme, path.name
+
+
 def test_readme_shows_every_admin_command():
     readme = (ROOT / "README.md").read_text()
     for command in ["list", "create", "describe", "delete", "group", "dlq list", "dlq count", "dlq replay",
