@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Kafka administration for the CDC pipeline: topics, the consumer group, the DLQ.
+"""Administration of the CDC pipeline: topics, the consumer group, the DLQ, the
+initial snapshot, verification and status.
 
   python admin.py                          list the topics (as `list`)
   python admin.py create                   create bf_employee_cdc (3 partitions) and
@@ -11,30 +12,31 @@
   python admin.py dlq list --key 103       DLQ records, newest first
   python admin.py dlq count --error connection
   python admin.py dlq replay               republish what is not yet replayed
+  python admin.py snapshot                 copy the rows that predate capture
+  python admin.py verify [--repair]        compare the source and the destination
+  python admin.py status [--json]          the whole pipeline on one screen
 
-`dlq replay` marks what it republished with a marker record in the DLQ itself, so a
-second replay does not send it again. Replaying is safe at any time: the consumer
+`dlq replay` marks what it republished with marker records in the DLQ itself (ranges
+of offsets), so a second replay does not send it again. Replaying is safe at any time: the consumer
 skips a change older than the one it already applied.
 """
 
 import argparse
-import json
 import sys
 import time
-from dataclasses import dataclass
 
 import psycopg2
-from confluent_kafka import (Consumer, ConsumerGroupTopicPartitions, KafkaError,
+from confluent_kafka import (ConsumerGroupTopicPartitions, KafkaError,
                              KafkaException, Producer, TopicPartition)
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 import config
 import dlq
+import replay
 import snapshot
 import verify
 
 TIMEOUT = 10  # seconds for any answer from Kafka
-REPLAYED = "dlq.replayed"  # header of the marker records `dlq replay` writes
 SETTING_GROUPS = ("kafka", "consumer", "source", "dest", "admin")
 
 
@@ -128,73 +130,17 @@ def describe_group(admin, settings):
 
 # --- DLQ ----------------------------------------------------------------------------
 
-@dataclass
-class DlqEntry:
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: dict
-
-    @property
-    def record(self):
-        """The DLQ record's JSON, or None if this is not one."""
-        try:
-            record = json.loads(self.value)
-        except (TypeError, ValueError):
-            return None
-        return record if isinstance(record, dict) and "original_topic" in record else None
-
-    def matches(self, settings):
-        record = self.record or {}
-        if settings.key is not None and record.get("original_key") != settings.key:
-            return False
-        searched = f"{record.get('error', '')} {self.headers.get(dlq.ERROR_CLASS, '')}".lower()
-        return settings.error is None or settings.error.lower() in searched
-
-
-def read_dlq(settings):
-    """The DLQ's records oldest first, without the markers, and the set of
-    (partition, offset) the markers say were replayed."""
-    reader = Consumer(config.kafka_config(settings, **{
-        "group.id": "cdc-admin-dlq", "enable.auto.commit": False}))
-    try:
-        topic = reader.list_topics(settings.dlq_topic, timeout=TIMEOUT).topics[settings.dlq_topic]
-        if topic.error is not None:
-            raise config.ConfigError(f"DLQ topic {settings.dlq_topic!r}: {topic.error.str()}")
-        entries, replayed = [], set()
-        for partition in sorted(topic.partitions):
-            for message in _read_partition(reader, settings.dlq_topic, partition):
-                headers = {name: value.decode("utf-8", "replace") for name, value in message.headers() or []}
-                if REPLAYED in headers:
-                    replayed.update(map(tuple, json.loads(message.value())["replayed"]))
-                else:
-                    entries.append(DlqEntry(partition, message.offset(), message.key(),
-                                            message.value(), headers))
-        return entries, replayed
-    finally:
-        reader.close()
-
-
-def _read_partition(reader, topic, partition):
-    low, high = reader.get_watermark_offsets(TopicPartition(topic, partition), timeout=TIMEOUT)
-    if high <= low:
-        return
-    reader.assign([TopicPartition(topic, partition, low)])
-    while True:
-        message = reader.poll(TIMEOUT)
-        if message is None:
-            raise config.ConfigError(f"{topic} [{partition}]: no answer from Kafka in {TIMEOUT} s")
-        if message.error():
-            raise KafkaException(message.error())
-        yield message
-        if message.offset() >= high - 1:
-            return
+def _matches(entry, settings):
+    record = entry.record or {}
+    if settings.key is not None and record.get("original_key") != settings.key:
+        return False
+    searched = f"{record.get('error', '')} {entry.headers.get(dlq.ERROR_CLASS, '')}".lower()
+    return settings.error is None or settings.error.lower() in searched
 
 
 def selected_entries(settings):
-    entries, replayed = read_dlq(settings)
-    return [entry for entry in entries if entry.matches(settings)
+    entries, replayed = replay.read_dlq(settings)
+    return [entry for entry in entries if _matches(entry, settings)
             and (settings.all or (entry.partition, entry.offset) not in replayed)], replayed
 
 
@@ -237,19 +183,7 @@ def dlq_replay(admin, settings):
         print(f"Nothing to replay from {settings.dlq_topic}.")
         return 0
     producer = Producer(config.producer_config(settings, "cdc-admin-replay"))
-    messages = [(dlq.original(entry.record, "original_key"), dlq.original(entry.record, "original_value"),
-                 [("dlq.replayed_from", f"{settings.dlq_topic}:{entry.partition}:{entry.offset}")])
-                for entry in entries]
-    refused = config.deliver(producer, settings.topic, messages)
-    if refused:
-        raise config.ConfigError(f"{settings.topic} refused {len(refused)} of {len(messages)} "
-                                 f"messages ({refused[0][0].str()}); nothing was marked replayed")
-    marker = {"replayed": [[entry.partition, entry.offset] for entry in entries],
-              "to_topic": settings.topic, "timestamp": time.time()}
-    if config.deliver(producer, settings.dlq_topic,
-                      [(None, json.dumps(marker).encode(), [(REPLAYED, b"1")])]):
-        raise config.ConfigError(f"replayed {len(entries)} messages, but could not mark them in "
-                                 f"{settings.dlq_topic}; a second replay will send them again")
+    replay.replay(settings, producer, entries)
     print(f"Replayed {len(entries)} messages from {settings.dlq_topic} to {settings.topic}.")
     return 0
 
@@ -345,6 +279,8 @@ def main(argv):
                                  f"{config.one_line(error)}") from None
     except psycopg2.Error as error:
         raise config.ConfigError(config.one_line(error)) from None
+    except replay.ReplayError as error:
+        raise config.ConfigError(str(error)) from None
     except KeyboardInterrupt:
         return 130
 
