@@ -34,6 +34,7 @@ import config
 import dlq
 import replay
 import snapshot
+import status
 import verify
 
 TIMEOUT = 10  # seconds for any answer from Kafka
@@ -198,6 +199,10 @@ def verify_tables(admin, settings):
     return verify.run(settings)
 
 
+def show_status(admin, settings):
+    return status.run(settings)
+
+
 # --- command line -------------------------------------------------------------------
 
 def add_command(commands, name, run, help_text):
@@ -248,6 +253,11 @@ def build_parser():
                           "differ  (python admin.py verify --repair)")
     command.add_argument("--repair", action="store_true",
                          help="re-emit the source's current row of each differing emp_id")
+
+    command = add_command(commands, "status", show_status,
+                          "the pipeline on one screen; exit 0 healthy, 1 degraded, 2 down  "
+                          "(python admin.py status --json)")
+    command.add_argument("--json", action="store_true", help="print the report as JSON")
 
     dlq_command = commands.add_parser("dlq", help="inspect and replay the DLQ  (python admin.py dlq list)",
                                       description="inspect and replay the DLQ  (python admin.py dlq list)")

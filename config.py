@@ -79,6 +79,12 @@ SETTINGS = [
     Setting("verify_wait", "VERIFY_WAIT", 30.0,
             "admin.py verify: seconds to wait for the changes in flight on differing rows "
             "to be applied before reporting them", "admin", float, 0),
+    Setting("status_max_lag", "STATUS_MAX_LAG", 60.0,
+            "admin.py status: end-to-end lag in seconds above which the pipeline is "
+            "degraded (exit 1)", "admin", float, 0),
+    Setting("status_max_dlq", "STATUS_MAX_DLQ", 0,
+            "admin.py status: DLQ records not yet replayed above which the pipeline is "
+            "degraded (exit 1)", "admin", int, 0),
 ]
 
 

@@ -41,7 +41,8 @@ newest AS (
     INSERT INTO cdc_applied AS applied (emp_id, last_action_id, deleted)
     SELECT emp_id, action_id, action = 'DELETE' FROM incoming ORDER BY emp_id
     ON CONFLICT (emp_id) DO UPDATE
-        SET last_action_id = excluded.last_action_id, deleted = excluded.deleted
+        SET last_action_id = excluded.last_action_id, deleted = excluded.deleted,
+            applied_at = now()
         WHERE applied.last_action_id < excluded.last_action_id
     RETURNING emp_id, last_action_id
 ),

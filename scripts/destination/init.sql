@@ -18,3 +18,5 @@ CREATE TABLE IF NOT EXISTS cdc_applied (
     last_action_id BIGINT NOT NULL,
     deleted        BOOLEAN NOT NULL
 );
+-- When the newest change was applied: admin.py status shows how long ago.
+ALTER TABLE cdc_applied ADD COLUMN IF NOT EXISTS applied_at TIMESTAMPTZ NOT NULL DEFAULT now();
