@@ -69,6 +69,10 @@ SETTINGS = [
             "deletes it (0: as soon as it is published)", "producer", float, 0),
     Setting("max_retries", "MAX_RETRIES", 3,
             "consumer: retries of a batch the destination failed, before the DLQ", "consumer", int, 0),
+    Setting("redrive_interval", "REDRIVE_INTERVAL", 5.0,
+            "consumer: seconds between looks at a destination that was out of reach; once it "
+            "answers, what was parked meanwhile is replayed from the DLQ (0: never, replay by "
+            "hand)", "consumer", float, 0),
     Setting("retry_backoff", "RETRY_BACKOFF", 2.0,
             "seconds before the first retry; each further retry waits twice as long",
             "daemon", float, 0),

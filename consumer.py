@@ -15,6 +15,7 @@ goes to the DLQ at once with the reason; the rest of its batch is applied.
 """
 
 import logging
+import time
 from collections import namedtuple
 
 import psycopg2
@@ -22,6 +23,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 import config
 import dlq
+import replay
 from employee import Change, InvalidChange
 
 log = logging.getLogger("consumer")
@@ -67,6 +69,9 @@ SELECT emp_id, last_action_id FROM newest
 # The destination is out of reach, or not ready for us (schema missing, no privilege):
 # worth retrying. Any other database error is about the data and would fail again.
 UNREACHABLE = (psycopg2.OperationalError, psycopg2.InterfaceError, psycopg2.ProgrammingError)
+# The names a DLQ record's error class has when it was parked for one of those.
+UNREACHABLE_NAMES = {name for name, error in vars(psycopg2.errors).items()
+                     if isinstance(error, type) and issubclass(error, UNREACHABLE)}
 
 Rejected = namedtuple("Rejected", "message error error_class attempts")
 
@@ -118,6 +123,10 @@ class CdcConsumer:
         self.kafka = Consumer(config.kafka_config(settings, **group))
         self.dlq = Producer(config.producer_config(settings, "cdc-consumer-dlq"))
         self.db = None  # connected on first use, so a destination that is down is retried
+        # What an earlier run parked while the destination was out of reach may wait in
+        # the DLQ: looked for once the destination answers.
+        self.redrive_due = settings.redrive_interval > 0
+        self.next_redrive = 0  # time.monotonic() of the next look
 
     def run(self):
         settings = self.settings
@@ -156,6 +165,8 @@ class CdcConsumer:
 
     def work(self):
         """Consumes, applies and acknowledges one batch, if one comes within a second."""
+        if self.redrive_due and time.monotonic() >= self.next_redrive:
+            self.redrive()
         messages = self.poll_batch()
         if not messages:
             return
@@ -212,6 +223,7 @@ class CdcConsumer:
                 if attempt < attempts and self.stop.sleep(config.backoff_delay(self.settings, attempt)):
                     raise BatchAbandoned() from None
         log.error("Max retries exceeded. Sending to DLQ.")
+        self.redrive_due = self.settings.redrive_interval > 0
         return [Rejected(message, config.one_line(last_error), type(last_error).__name__, attempts)
                 for message, _ in batch]
 
@@ -287,6 +299,40 @@ class CdcConsumer:
         for item in rejected:
             log.warning("Message sent to DLQ: %s (%s: %s)", self.settings.dlq_topic,
                         where(item.message), item.error)
+
+    def redrive(self):
+        """Once the destination answers again, replays to the main topic what was parked
+        because it did not (content rejects stay for a person), and marks it replayed."""
+        self.next_redrive = time.monotonic() + self.settings.redrive_interval
+        try:
+            if self.db is None:
+                self.connect()
+            with self.db.cursor() as cursor:
+                cursor.execute("SELECT 1")
+            self.db.rollback()
+        except UNREACHABLE:
+            self.disconnect()
+            return
+        try:
+            entries, replayed = replay.read_dlq(self.settings)
+            parked = [entry for entry in entries if entry.position not in replayed
+                      and self.parked_while_unreachable(entry)]
+            if parked:
+                replay.replay(self.settings, self.dlq, parked)
+        except replay.ReplayError as error:
+            log.error("Could not re-drive the DLQ: %s; trying again in %g seconds",
+                      error, self.settings.redrive_interval)
+            return
+        self.redrive_due = False
+        if parked:
+            log.info("The destination answers again: re-drove %d messages parked while it did "
+                     "not, from %s to %s.", len(parked), self.settings.dlq_topic, self.settings.topic)
+
+    def parked_while_unreachable(self, entry):
+        record = entry.record or {}
+        return (entry.headers.get(dlq.STAGE) == "consumer"
+                and entry.headers.get(dlq.ERROR_CLASS) in UNREACHABLE_NAMES
+                and record.get("original_topic") == self.settings.topic)
 
     def store_offsets(self, messages):
         # A rebalance while the batch was gathered may have taken a partition away; its
