@@ -64,11 +64,17 @@ SETTINGS = [
     Setting("poll_interval", "POLL_INTERVAL", 5.0,
             "producer: longest wait in seconds between looks at emp_cdc (a commit "
             "wakes it at once through LISTEN/NOTIFY)", "producer", float, 0.01),
+    Setting("producer_metrics_port", "PRODUCER_METRICS_PORT", 0,
+            "producer: port of its Prometheus metrics at /metrics (0: not served)",
+            "producer", int, 0),
     Setting("cdc_retention_hours", "CDC_RETENTION_HOURS", 168.0,
             "producer: hours a published change stays in emp_cdc before the producer "
             "deletes it (0: as soon as it is published)", "producer", float, 0),
     Setting("max_retries", "MAX_RETRIES", 3,
             "consumer: retries of a batch the destination failed, before the DLQ", "consumer", int, 0),
+    Setting("consumer_metrics_port", "CONSUMER_METRICS_PORT", 0,
+            "consumer: port of its Prometheus metrics at /metrics (0: not served)",
+            "consumer", int, 0),
     Setting("redrive_interval", "REDRIVE_INTERVAL", 5.0,
             "consumer: seconds between looks at a destination that was out of reach; once it "
             "answers, what was parked meanwhile is replayed from the DLQ (0: never, replay by "

@@ -23,6 +23,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 import config
 import dlq
+import metrics
 import replay
 from employee import Change, InvalidChange
 
@@ -136,6 +137,7 @@ class CdcConsumer:
         log.info("Topic: %s", settings.topic)
         log.info("DLQ Topic: %s", settings.dlq_topic)
         log.info("Destination database: %s", config.database_name(settings, "dest"))
+        metrics.serve(settings.consumer_metrics_port)
         config.check_topics(self.kafka, settings, [settings.topic, settings.dlq_topic], self.stop)
         self.kafka.subscribe([settings.topic], on_assign=self.on_assign, on_revoke=self.on_revoke)
         log.info("Subscribed to topics: %s", [settings.topic])
@@ -149,8 +151,9 @@ class CdcConsumer:
             except config.ConfigError:
                 self.kafka.close()
                 raise
-            except Exception:
+            except Exception as error:
                 failures += 1
+                metrics.error("consumer", error)
                 log.exception("Unexpected error; the batch will be consumed again")
                 self.stop.sleep(config.backoff_delay(settings, failures))
         self.kafka.close()  # commits the offsets stored so far and leaves the group
@@ -170,6 +173,7 @@ class CdcConsumer:
         messages = self.poll_batch()
         if not messages:
             return
+        started = time.monotonic()
         try:
             batch, rejected = self.decode(messages)
             rejected += self.apply_with_retries(batch)
@@ -178,6 +182,8 @@ class CdcConsumer:
             self.rewind(messages)
             raise
         self.store_offsets(messages)
+        metrics.batch_done("consumer", len(messages), started)
+        metrics.set_lag(messages)
         log.info("Successfully processed %d messages (%d sent to DLQ).", len(messages), len(rejected))
 
     def poll_batch(self):
@@ -216,6 +222,7 @@ class CdcConsumer:
                 return self.apply(batch)
             except UNREACHABLE as error:
                 last_error = error
+                metrics.error("consumer", error)
                 self.disconnect()
                 log.error("Error processing %s (attempt %d/%d): %s",
                           "message" if len(batch) == 1 else f"{len(batch)} messages",
@@ -272,6 +279,7 @@ class CdcConsumer:
             return dict(cursor.fetchall())
 
     def log_applied(self, batch, applied):
+        metrics.applied_or_skipped(batch, applied)
         for _, change in config.logged(log, batch):
             if applied.get(change.emp_id) == change.action_id:
                 log.info("%s operation completed for emp_id=%d", change.action, change.emp_id)
@@ -296,6 +304,7 @@ class CdcConsumer:
                       self.settings.dlq_topic, len(refused), refused[0][0].str())
             if self.stop.sleep(config.backoff_delay(self.settings, failures)):
                 raise BatchAbandoned()
+        metrics.parked("consumer", messages)
         for item in rejected:
             log.warning("Message sent to DLQ: %s (%s: %s)", self.settings.dlq_topic,
                         where(item.message), item.error)
@@ -319,6 +328,7 @@ class CdcConsumer:
                       and self.parked_while_unreachable(entry)]
             if parked:
                 replay.replay(self.settings, self.dlq, parked)
+                metrics.REDRIVEN.inc(len(parked))
         except replay.ReplayError as error:
             log.error("Could not re-drive the DLQ: %s; trying again in %g seconds",
                       error, self.settings.redrive_interval)
