@@ -192,8 +192,10 @@ def _print(report, settings):
               + "  ".join(f"[{p['partition']}] {p['lag']}" for p in partitions)
               + f" (oldest unconsumed {_seconds(kafka['oldest_unconsumed_seconds'])})")
     if "error" not in dest:
-        print(f"Destination  newest applied: action_id {dest['newest_applied_action_id']}, "
-              f"{_seconds(dest['applied_seconds_ago'])} ago")
+        newest = dest["newest_applied_action_id"]
+        print("Destination  " + ("no change applied yet" if newest is None else
+                                 f"newest applied: action_id {newest}, "
+                                 f"{_seconds(dest['applied_seconds_ago'])} ago"))
     print(f"Lag          end-to-end: {report['lag_seconds']:g} s (STATUS_MAX_LAG {settings.status_max_lag:g} s)")
     if "error" not in dlq:
         print(f"DLQ          {dlq['not_replayed']} record(s) not yet replayed in {dlq['topic']}"

@@ -40,7 +40,8 @@ def test_every_script_has_help(script):
 
 
 @pytest.mark.parametrize("command", [["list"], ["create"], ["describe"], ["delete"], ["group"],
-                                     ["dlq", "list"], ["dlq", "count"], ["dlq", "replay"]])
+                                     ["dlq", "list"], ["dlq", "count"], ["dlq", "replay"],
+                                     ["snapshot"], ["verify"], ["status"]])
 def test_every_admin_command_has_help_with_an_example(command):
     result = run("admin.py", *command, "--help")
     assert result.returncode == 0
@@ -138,5 +139,6 @@ def test_readme_and_env_example_document_every_setting():
 
 def test_readme_shows_every_admin_command():
     readme = (ROOT / "README.md").read_text()
-    for command in ["list", "create", "describe", "delete", "group", "dlq list", "dlq count", "dlq replay"]:
+    for command in ["list", "create", "describe", "delete", "group", "dlq list", "dlq count", "dlq replay",
+                    "snapshot", "verify", "status"]:
         assert f"python admin.py {command}" in readme, command
