@@ -243,8 +243,7 @@ def build_parser():
     command.add_argument("group", nargs="?", help="group (default: KAFKA_GROUP_ID)")
 
     command = add_command(commands, "snapshot", take_snapshot,
-                          "copy the rows that predate capture into the pipeline  "
-                          "(python admin.py snapshot)")
+                          "copy the rows that predate capture  (python admin.py snapshot)")
     command.add_argument("--restart", action="store_true",
                          help="take a new snapshot even if one finished before")
 
@@ -255,8 +254,7 @@ def build_parser():
                          help="re-emit the source's current row of each differing emp_id")
 
     command = add_command(commands, "status", show_status,
-                          "the pipeline on one screen; exit 0 healthy, 1 degraded, 2 down  "
-                          "(python admin.py status --json)")
+                          "the pipeline on one screen, exit 0/1/2  (python admin.py status --json)")
     command.add_argument("--json", action="store_true", help="print the report as JSON")
 
     dlq_command = commands.add_parser("dlq", help="inspect and replay the DLQ  (python admin.py dlq list)",
