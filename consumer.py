@@ -9,7 +9,9 @@ topic replayed, changes nothing. Kafka offsets move only after the destination
 committed, and after every rejected message is safely in the DLQ.
 
 A batch the destination fails (unreachable, connection lost) is retried with
-exponential backoff, reconnecting each time, and then sent to the DLQ. A message that
+exponential backoff, reconnecting each time, and then sent to the DLQ; once the
+destination answers again, the consumer replays those from the DLQ itself (redrive(),
+every REDRIVE_INTERVAL seconds while any may wait). A message that
 is not a valid change, or that the destination refuses (value too long, constraint),
 goes to the DLQ at once with the reason; the rest of its batch is applied.
 """
