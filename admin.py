@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Kafka administration for the CDC pipeline: topics, the consumer group, the DLQ.
+"""Administration of the CDC pipeline: topics, the consumer group, the DLQ, the
+initial snapshot, verification and status.
 
   python admin.py                          list the topics (as `list`)
   python admin.py create                   create bf_employee_cdc (3 partitions) and
@@ -14,20 +15,21 @@
   python admin.py load employees.csv       load employees from a CSV file into the source
   python admin.py renumber-source          after the source was restored, re-created or
                                            failed over (the producer says when)
+  python admin.py snapshot                 copy the rows that predate capture
+  python admin.py verify [--repair]        compare the source and the destination
+  python admin.py status [--json]          the whole pipeline on one screen
 
-`dlq replay` marks what it republished with a marker record in the DLQ itself, so a
-second replay does not send it again. Replaying is safe at any time: the consumer
+`dlq replay` marks what it republished with marker records in the DLQ itself (ranges
+of offsets), so a second replay does not send it again. Replaying is safe at any time: the consumer
 skips a change older than the one it already applied.
 """
 
 import argparse
-import json
 import sys
 import time
-from dataclasses import dataclass
 
 import psycopg2
-from confluent_kafka import (Consumer, ConsumerGroupTopicPartitions, KafkaError,
+from confluent_kafka import (ConsumerGroupTopicPartitions, KafkaError,
                              KafkaException, Producer, TopicPartition)
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, OffsetSpec
 
@@ -35,12 +37,13 @@ import config
 import dlq
 import loader
 import producer
+import replay
 import snapshot
 import source_rewind
+import status
 import verify
 
 TIMEOUT = 10  # seconds for any answer from Kafka
-REPLAYED = "dlq.replayed"  # header of the marker records `dlq replay` writes
 SETTING_GROUPS = ("kafka", "group", "source", "dest", "admin")
 
 
@@ -169,73 +172,17 @@ def renumber_source(admin, settings):
 
 # --- DLQ ----------------------------------------------------------------------------
 
-@dataclass
-class DlqEntry:
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: dict
-
-    @property
-    def record(self):
-        """The DLQ record's JSON, or None if this is not one."""
-        try:
-            record = json.loads(self.value)
-        except (TypeError, ValueError):
-            return None
-        return record if isinstance(record, dict) and "original_topic" in record else None
-
-    def matches(self, settings):
-        record = self.record or {}
-        if settings.key is not None and record.get("original_key") != settings.key:
-            return False
-        searched = f"{record.get('error', '')} {self.headers.get(dlq.ERROR_CLASS, '')}".lower()
-        return settings.error is None or settings.error.lower() in searched
-
-
-def read_dlq(settings):
-    """The DLQ's records oldest first, without the markers, and the set of
-    (partition, offset) the markers say were replayed."""
-    reader = Consumer(config.kafka_config(settings, **{
-        "group.id": "cdc-admin-dlq", "enable.auto.commit": False}))
-    try:
-        topic = reader.list_topics(settings.dlq_topic, timeout=TIMEOUT).topics[settings.dlq_topic]
-        if topic.error is not None:
-            raise config.ConfigError(f"DLQ topic {settings.dlq_topic!r}: {topic.error.str()}")
-        entries, replayed = [], set()
-        for partition in sorted(topic.partitions):
-            for message in _read_partition(reader, settings.dlq_topic, partition):
-                headers = {name: value.decode("utf-8", "replace") for name, value in message.headers() or []}
-                if REPLAYED in headers:
-                    replayed.update(map(tuple, json.loads(message.value())["replayed"]))
-                else:
-                    entries.append(DlqEntry(partition, message.offset(), message.key(),
-                                            message.value(), headers))
-        return entries, replayed
-    finally:
-        reader.close()
-
-
-def _read_partition(reader, topic, partition):
-    low, high = reader.get_watermark_offsets(TopicPartition(topic, partition), timeout=TIMEOUT)
-    if high <= low:
-        return
-    reader.assign([TopicPartition(topic, partition, low)])
-    while True:
-        message = reader.poll(TIMEOUT)
-        if message is None:
-            raise config.ConfigError(f"{topic} [{partition}]: no answer from Kafka in {TIMEOUT} s")
-        if message.error():
-            raise KafkaException(message.error())
-        yield message
-        if message.offset() >= high - 1:
-            return
+def _matches(entry, settings):
+    record = entry.record or {}
+    if settings.key is not None and record.get("original_key") != settings.key:
+        return False
+    searched = f"{record.get('error', '')} {entry.headers.get(dlq.ERROR_CLASS, '')}".lower()
+    return settings.error is None or settings.error.lower() in searched
 
 
 def selected_entries(settings):
-    entries, replayed = read_dlq(settings)
-    return [entry for entry in entries if entry.matches(settings)
+    entries, replayed = replay.read_dlq(settings)
+    return [entry for entry in entries if _matches(entry, settings)
             and (settings.all or (entry.partition, entry.offset) not in replayed)], replayed
 
 
@@ -278,19 +225,7 @@ def dlq_replay(admin, settings):
         print(f"Nothing to replay from {settings.dlq_topic}.")
         return 0
     producer = Producer(config.producer_config(settings, "cdc-admin-replay"))
-    messages = [(dlq.original(entry.record, "original_key"), dlq.original(entry.record, "original_value"),
-                 [("dlq.replayed_from", f"{settings.dlq_topic}:{entry.partition}:{entry.offset}")])
-                for entry in entries]
-    refused = config.deliver(producer, settings.topic, messages)
-    if refused:
-        raise config.ConfigError(f"{settings.topic} refused {len(refused)} of {len(messages)} "
-                                 f"messages ({refused[0][0].str()}); nothing was marked replayed")
-    marker = {"replayed": [[entry.partition, entry.offset] for entry in entries],
-              "to_topic": settings.topic, "timestamp": time.time()}
-    if config.deliver(producer, settings.dlq_topic,
-                      [(None, json.dumps(marker).encode(), [(REPLAYED, b"1")])]):
-        raise config.ConfigError(f"replayed {len(entries)} messages, but could not mark them in "
-                                 f"{settings.dlq_topic}; a second replay will send them again")
+    replay.replay(settings, producer, entries)
     print(f"Replayed {len(entries)} messages from {settings.dlq_topic} to {settings.topic}.")
     return 0
 
@@ -309,6 +244,10 @@ def take_snapshot(admin, settings):
 
 def verify_tables(admin, settings):
     return verify.run(settings)
+
+
+def show_status(admin, settings):
+    return status.run(settings)
 
 
 # --- command line -------------------------------------------------------------------
@@ -357,8 +296,7 @@ def build_parser():
                          help="group (default: --group, KAFKA_GROUP_ID)")
 
     command = add_command(commands, "snapshot", take_snapshot,
-                          "copy the rows that predate capture into the pipeline  "
-                          "(python admin.py snapshot)")
+                          "copy the rows that predate capture  (python admin.py snapshot)")
     command.add_argument("--restart", action="store_true",
                          help="take a new snapshot even if one finished before")
 
@@ -370,6 +308,10 @@ def build_parser():
 
     add_command(commands, "renumber-source", renumber_source,
                 "source went back in time: renumber, republish  (python admin.py renumber-source)")
+
+    command = add_command(commands, "status", show_status,
+                          "the pipeline on one screen, exit 0/1/2  (python admin.py status --json)")
+    command.add_argument("--json", action="store_true", help="print the report as JSON")
 
     dlq_command = commands.add_parser("dlq", help="inspect and replay the DLQ  (python admin.py dlq list)",
                                       description="inspect and replay the DLQ  (python admin.py dlq list)")
@@ -410,6 +352,8 @@ def main(argv):
                                  f"{config.one_line(error)}") from None
     except psycopg2.Error as error:
         raise config.ConfigError(config.one_line(error)) from None
+    except replay.ReplayError as error:
+        raise config.ConfigError(str(error)) from None
     except KeyboardInterrupt:
         return 130
 

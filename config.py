@@ -84,11 +84,21 @@ SETTINGS = [
     Setting("poll_interval", "POLL_INTERVAL", 0.1,
             "producer: longest wait in seconds between looks at emp_cdc for commits "
             "(1 ms while changes flow, growing while idle up to this)", "producer", float, 0.001),
+    Setting("producer_metrics_port", "PRODUCER_METRICS_PORT", 0,
+            "producer: port of its Prometheus metrics at /metrics (0: not served)",
+            "producer", int, 0),
     Setting("cdc_retention_hours", "CDC_RETENTION_HOURS", 168.0,
             "producer: hours a published change stays in emp_cdc before the producer "
             "deletes it (0: as soon as it is published)", "producer", float, 0),
     Setting("max_retries", "MAX_RETRIES", 3,
             "consumer: retries of a batch the destination failed, before the DLQ", "consumer", int, 0),
+    Setting("consumer_metrics_port", "CONSUMER_METRICS_PORT", 0,
+            "consumer: port of its Prometheus metrics at /metrics (0: not served)",
+            "consumer", int, 0),
+    Setting("redrive_interval", "REDRIVE_INTERVAL", 5.0,
+            "consumer: seconds between looks at a destination that was out of reach; once it "
+            "answers, what was parked meanwhile is replayed from the DLQ (0: never, replay by "
+            "hand)", "consumer", float, 0),
     Setting("retry_backoff", "RETRY_BACKOFF", 2.0,
             "seconds before the first retry; each further retry waits twice as long",
             "daemon", float, 0),
@@ -99,6 +109,12 @@ SETTINGS = [
     Setting("verify_wait", "VERIFY_WAIT", 30.0,
             "admin.py verify: seconds to wait for the changes in flight on differing rows "
             "to be applied before reporting them", "admin", float, 0),
+    Setting("status_max_lag", "STATUS_MAX_LAG", 60.0,
+            "admin.py status: end-to-end lag in seconds above which the pipeline is "
+            "degraded (exit 1)", "admin", float, 0),
+    Setting("status_max_dlq", "STATUS_MAX_DLQ", 0,
+            "admin.py status: DLQ records not yet replayed above which the pipeline is "
+            "degraded (exit 1)", "admin", int, 0),
 ]
 
 

@@ -9,12 +9,15 @@ topic replayed, changes nothing. Kafka offsets move only after the destination
 committed, and after every rejected message is safely in the DLQ.
 
 A batch the destination fails (unreachable, connection lost) is retried with
-exponential backoff, reconnecting each time, and then sent to the DLQ. A message that
+exponential backoff, reconnecting each time, and then sent to the DLQ; once the
+destination answers again, the consumer replays those from the DLQ itself (redrive(),
+every REDRIVE_INTERVAL seconds while any may wait). A message that
 is not a valid change, or that the destination refuses (value too long, constraint),
 goes to the DLQ at once with the reason; the rest of its batch is applied.
 """
 
 import logging
+import time
 from collections import namedtuple
 
 import psycopg2
@@ -22,6 +25,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 import config
 import dlq
+import metrics
+import replay
 from employee import TRUNCATE, Change, InvalidChange
 
 log = logging.getLogger("consumer")
@@ -76,7 +81,8 @@ newest AS (
     INSERT INTO cdc_applied AS applied (emp_id, last_action_id, deleted)
     SELECT emp_id, action_id, action = 'DELETE' FROM incoming ORDER BY emp_id
     ON CONFLICT (emp_id) DO UPDATE
-        SET last_action_id = excluded.last_action_id, deleted = excluded.deleted
+        SET last_action_id = excluded.last_action_id, deleted = excluded.deleted,
+            applied_at = now()
         WHERE applied.last_action_id < excluded.last_action_id
     RETURNING emp_id, last_action_id
 ),
@@ -101,6 +107,9 @@ SELECT emp_id, last_action_id FROM newest
 # The destination is out of reach, or not ready for us (schema missing, no privilege):
 # worth retrying. Any other database error is about the data and would fail again.
 UNREACHABLE = (psycopg2.OperationalError, psycopg2.InterfaceError, psycopg2.ProgrammingError)
+# The names a DLQ record's error class has when it was parked for one of those.
+UNREACHABLE_NAMES = {name for name, error in vars(psycopg2.errors).items()
+                     if isinstance(error, type) and issubclass(error, UNREACHABLE)}
 
 Rejected = namedtuple("Rejected", "message error error_class attempts")
 
@@ -177,6 +186,10 @@ class CdcConsumer:
         self.kafka = Consumer(config.kafka_config(settings, **group))
         self.dlq = self.new_dlq_producer()
         self.db = None  # connected on first use, so a destination that is down is retried
+        # What an earlier run parked while the destination was out of reach may wait in
+        # the DLQ: looked for once the destination answers.
+        self.redrive_due = settings.redrive_interval > 0
+        self.next_redrive = 0  # time.monotonic() of the next look
 
     def new_dlq_producer(self):
         return Producer(config.producer_config(self.settings, "cdc-consumer-dlq"))
@@ -189,6 +202,7 @@ class CdcConsumer:
         log.info("Topic: %s", settings.topic)
         log.info("DLQ Topic: %s", settings.dlq_topic)
         log.info("Destination database: %s", config.database_name(settings, "dest"))
+        metrics.serve(settings.consumer_metrics_port)
         config.check_topics(self.kafka, settings, [settings.topic, settings.dlq_topic], self.stop)
         self.kafka.subscribe([settings.topic], on_assign=self.on_assign, on_revoke=self.on_revoke)
         log.info("Subscribed to topics: %s", [settings.topic])
@@ -208,8 +222,9 @@ class CdcConsumer:
                           "with a new one", error)
                 self.dlq = self.new_dlq_producer()
                 self.stop.sleep(config.backoff_delay(settings, failures))
-            except Exception:
+            except Exception as error:
                 failures += 1
+                metrics.error("consumer", error)
                 log.exception("Unexpected error; the batch will be consumed again")
                 self.stop.sleep(config.backoff_delay(settings, failures))
         self.kafka.close()  # commits the offsets stored so far and leaves the group
@@ -224,9 +239,12 @@ class CdcConsumer:
 
     def work(self):
         """Consumes, applies and acknowledges one batch, if one comes within a second."""
+        if self.redrive_due and time.monotonic() >= self.next_redrive:
+            self.redrive()
         messages = self.poll_batch()
         if not messages:
             return
+        started = time.monotonic()
         try:
             batch, rejected = self.decode(messages)
             rejected += self.apply_with_retries(batch)
@@ -235,6 +253,8 @@ class CdcConsumer:
             self.rewind(messages)
             raise
         self.store_offsets(messages)
+        metrics.batch_done("consumer", len(messages), started)
+        metrics.set_lag(messages)
         log.info("Successfully processed %d messages (%d sent to DLQ).", len(messages), len(rejected))
 
     def poll_batch(self):
@@ -273,6 +293,7 @@ class CdcConsumer:
                 return self.apply(batch)
             except UNREACHABLE as error:
                 last_error = error
+                metrics.error("consumer", error)
                 self.disconnect()
                 log.error("Error processing %s (attempt %d/%d): %s",
                           "message" if len(batch) == 1 else f"{len(batch)} messages",
@@ -280,6 +301,7 @@ class CdcConsumer:
                 if attempt < attempts and self.stop.sleep(config.backoff_delay(self.settings, attempt)):
                     raise BatchAbandoned() from None
         log.error("Max retries exceeded. Sending to DLQ.")
+        self.redrive_due = self.settings.redrive_interval > 0
         return [Rejected(message, config.one_line(last_error), type(last_error).__name__, attempts)
                 for message, _ in batch]
 
@@ -330,6 +352,7 @@ class CdcConsumer:
             return apply_changes(cursor, changes)
 
     def log_applied(self, batch, applied):
+        metrics.applied_or_skipped(batch, applied)
         for _, change in config.logged(log, batch):
             if change.action == TRUNCATE:
                 log.info("TRUNCATE operation completed: every row not changed since is deleted "
@@ -358,9 +381,45 @@ class CdcConsumer:
                       self.settings.dlq_topic, len(refused), refused[0][0].str())
             if self.stop.sleep(config.backoff_delay(self.settings, failures)):
                 raise BatchAbandoned()
+        metrics.parked("consumer", messages)
         for item in rejected:
             log.warning("Message sent to DLQ: %s (%s: %s)", self.settings.dlq_topic,
                         where(item.message), item.error)
+
+    def redrive(self):
+        """Once the destination answers again, replays to the main topic what was parked
+        because it did not (content rejects stay for a person), and marks it replayed."""
+        self.next_redrive = time.monotonic() + self.settings.redrive_interval
+        try:
+            if self.db is None:
+                self.connect()
+            with self.db.cursor() as cursor:
+                cursor.execute("SELECT 1")
+            self.db.rollback()
+        except UNREACHABLE:
+            self.disconnect()
+            return
+        try:
+            entries, replayed = replay.read_dlq(self.settings)
+            parked = [entry for entry in entries if entry.position not in replayed
+                      and self.parked_while_unreachable(entry)]
+            if parked:
+                replay.replay(self.settings, self.dlq, parked)
+                metrics.REDRIVEN.inc(len(parked))
+        except replay.ReplayError as error:
+            log.error("Could not re-drive the DLQ: %s; trying again in %g seconds",
+                      error, self.settings.redrive_interval)
+            return
+        self.redrive_due = False
+        if parked:
+            log.info("The destination answers again: re-drove %d messages parked while it did "
+                     "not, from %s to %s.", len(parked), self.settings.dlq_topic, self.settings.topic)
+
+    def parked_while_unreachable(self, entry):
+        record = entry.record or {}
+        return (entry.headers.get(dlq.STAGE) == "consumer"
+                and entry.headers.get(dlq.ERROR_CLASS) in UNREACHABLE_NAMES
+                and record.get("original_topic") == self.settings.topic)
 
     def store_offsets(self, messages):
         # A rebalance while the batch was gathered may have taken a partition away; its

@@ -25,6 +25,7 @@ from confluent_kafka import KafkaError, Producer
 
 import config
 import dlq
+import metrics
 import source_rewind
 from employee import CHANGE_FIELDS, Change, InvalidChange
 
@@ -129,6 +130,7 @@ class CdcProducer:
         log.info("Topic: %s", settings.topic)
         log.info("DLQ Topic: %s", settings.dlq_topic)
         log.info("Source database: %s", config.database_name(settings, "source"))
+        metrics.serve(settings.producer_metrics_port)
         config.check_topics(self.kafka, settings, [settings.topic, settings.dlq_topic], self.stop)
         failures = 0
         idle = False
@@ -157,10 +159,12 @@ class CdcProducer:
                 self.backoff(failures)
             except (psycopg2.OperationalError, psycopg2.InterfaceError, PublishError) as error:
                 failures += 1
+                metrics.error("producer", error)
                 log.error("%s; retrying", config.one_line(error))
                 self.backoff(failures)
-            except Exception:
+            except Exception as error:
                 failures += 1
+                metrics.error("producer", error)
                 log.exception("Unexpected error; retrying")
                 self.backoff(failures)
         self.disconnect()
@@ -239,12 +243,14 @@ class CdcProducer:
             batch.execute(FETCH_BATCH, {"since": since, "in_progress": in_progress,
                                         "until": until, "after": after})
             while rows := batch.fetchmany(self.settings.batch_size):
+                started = time.monotonic()
                 self.publish(rows)
                 published += len(rows)
                 with self.db.cursor() as cursor:
                     cursor.execute(SAVE_PROGRESS, {"until": until, "action_id": rows[-1][0]})
                     log.info("Successfully published %d records. Offset saved: %d",
                              len(rows), cursor.fetchone()[0])
+                metrics.batch_done("producer", len(rows), started)
                 if self.stop.requested:
                     return True
         if published or batch_open:
@@ -304,6 +310,8 @@ class CdcProducer:
         if parked and config.deliver(self.kafka, settings.dlq_topic, parked, self.stop):
             raise PublishError(f"{len(parked)} changes reached neither {settings.topic} "
                                f"nor {settings.dlq_topic}")
+        metrics.PUBLISHED.inc(len(by_value))
+        metrics.parked("producer", parked)
         for _, value, _ in parked:
             log.warning("Message sent to DLQ: %s (%s)", settings.dlq_topic, json.loads(value)["error"])
 

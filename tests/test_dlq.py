@@ -217,7 +217,8 @@ def test_backoff_doubles_and_stops_at_a_minute(backoff, attempt, seconds):
 
 def test_destination_outage_retries_parks_then_replay_restores(pipeline):
     pipeline.producer()
-    consumer = pipeline.consumer()
+    # The manual loop: the consumer's own re-drive (tests/test_self_healing.py) is off.
+    consumer = pipeline.consumer(REDRIVE_INTERVAL="0")
     query("source", "INSERT INTO employees VALUES (100, 'Test', 'User', '1990-01-01', 'Oslo', 50000)")
     pipeline.wait_for_equal()
     assert stack("down", "dest").returncode == 0

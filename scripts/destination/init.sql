@@ -18,6 +18,8 @@ CREATE TABLE IF NOT EXISTS cdc_applied (
     last_action_id BIGINT NOT NULL,
     deleted        BOOLEAN NOT NULL
 );
+-- When the newest change was applied: admin.py status shows how long ago.
+ALTER TABLE cdc_applied ADD COLUMN IF NOT EXISTS applied_at TIMESTAMPTZ NOT NULL DEFAULT now();
 
 -- The newest TRUNCATE applied, by its action_id: every change numbered below it was
 -- made before it, so the consumer skips such a change wherever and whenever it comes.

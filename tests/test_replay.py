@@ -1,0 +1,81 @@
+"""admin.py dlq replay at scale: the markers stay bounded however many records are
+replayed, and what was replayed is never sent again."""
+
+import json
+import subprocess
+import sys
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from conftest import KAFKA, ROOT
+
+PARKED = 100_000
+
+
+def admin(pipeline, *args):
+    result = subprocess.run([sys.executable, str(ROOT / "admin.py"), *args], env=pipeline.env,
+                            capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def park(pipeline, count):
+    """DLQ records as the consumer writes them; every other one's error says 'odd'."""
+    producer = Producer({"bootstrap.servers": KAFKA, "linger.ms": 50})
+    for number in range(count):
+        change = {"action_id": number + 1, "emp_id": number + 1, "first_name": "F", "last_name": "L",
+                  "dob": None, "city": None, "salary": 1, "action": "INSERT"}
+        record = {"original_topic": pipeline.topic, "original_key": str(number + 1),
+                  "original_value": json.dumps(change), "error": "odd" if number % 2 else "even",
+                  "partition": 0, "offset": number, "timestamp": 1.0}
+        while True:
+            try:
+                producer.produce(pipeline.dlq_topic, key=str(number + 1).encode(),
+                                 value=json.dumps(record).encode())
+                break
+            except BufferError:
+                producer.poll(0.1)
+    assert producer.flush(60) == 0
+
+
+def end_offsets(topic):
+    reader = Consumer({"bootstrap.servers": KAFKA, "group.id": "end-offsets"})
+    try:
+        partitions = reader.list_topics(topic, timeout=10).topics[topic].partitions
+        return [reader.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions]
+    finally:
+        reader.close()
+
+
+def read_from(topic, partition, offset):
+    """The messages of a partition from an offset to its end."""
+    reader = Consumer({"bootstrap.servers": KAFKA, "group.id": "read-from"})
+    try:
+        end = reader.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)[1]
+        reader.assign([TopicPartition(topic, partition, offset)])
+        messages = []
+        while len(messages) < end - offset:
+            batch = reader.consume(1000, 10)
+            assert batch, f"reading {topic} [{partition}]"
+            messages += batch
+        return messages
+    finally:
+        reader.close()
+
+
+def test_replay_of_100000_parked_records_marks_them_all(pipeline):
+    park(pipeline, PARKED)
+    # Every other record: 50,000 ranges of one offset, more than one marker holds.
+    odd = admin(pipeline, "dlq", "replay", "--error", "odd")
+    assert odd.returncode == 0, odd.stderr
+    assert f"Replayed {PARKED // 2} messages" in odd.stdout
+    rest = admin(pipeline, "dlq", "replay")
+    assert rest.returncode == 0, rest.stderr
+    assert f"Replayed {PARKED // 2} messages" in rest.stdout
+    assert admin(pipeline, "dlq", "replay").stdout.strip() == f"Nothing to replay from {pipeline.dlq_topic}."
+
+    assert sum(end_offsets(pipeline.topic)) == PARKED
+    markers = read_from(pipeline.dlq_topic, 0, PARKED)
+    assert all(dict(marker.headers())["dlq.replayed"] == b"1" for marker in markers)
+    assert len(markers) == 20  # each replay: 50,000 single offsets, 5,000 ranges a marker
+    assert max(len(marker.value()) for marker in markers) < 200_000
