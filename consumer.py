@@ -187,9 +187,10 @@ class CdcConsumer:
         self.dlq = self.new_dlq_producer()
         self.db = None  # connected on first use, so a destination that is down is retried
         # What an earlier run parked while the destination was out of reach may wait in
-        # the DLQ: looked for once the destination answers.
+        # the DLQ: looked for once the destination answers, after the first interval so
+        # that a start is not slowed by reading the DLQ.
         self.redrive_due = settings.redrive_interval > 0
-        self.next_redrive = 0  # time.monotonic() of the next look
+        self.next_redrive = time.monotonic() + settings.redrive_interval  # of the next look
 
     def new_dlq_producer(self):
         return Producer(config.producer_config(self.settings, "cdc-consumer-dlq"))
