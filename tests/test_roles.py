@@ -43,11 +43,16 @@ REFUSED = {
 ALLOWED = {
     ("source", "cdc_producer"): ["SELECT count(*) FROM emp_cdc", "DELETE FROM emp_cdc WHERE false",
                                  "UPDATE cdc_offset SET last_action_id = last_action_id",
-                                 "SELECT pg_try_advisory_lock(1), pg_current_snapshot()", "LISTEN emp_cdc"],
-    ("dest", "cdc_consumer"): ["INSERT INTO cdc_applied VALUES (1, 1, false)",
-                               "INSERT INTO employees (emp_id) VALUES (1) ON CONFLICT (emp_id) "
+                                 "SELECT pg_try_advisory_lock(1), pg_current_snapshot()",
+                                 # what tells a source that went back in time (source_rewind.py)
+                                 "SELECT last_value FROM emp_cdc_action_id_seq",
+                                 "SELECT pg_control_system(), pg_control_checkpoint()"],
+    # An emp_id no other test uses: the rows other tests left stay out of the way.
+    ("dest", "cdc_consumer"): ["INSERT INTO cdc_applied VALUES (-1999999999, 1, false)",
+                               "INSERT INTO employees (emp_id) VALUES (-1999999999) ON CONFLICT (emp_id) "
                                "DO UPDATE SET salary = excluded.salary RETURNING emp_id",
-                               "DELETE FROM employees WHERE emp_id = 1"],
+                               "DELETE FROM employees WHERE emp_id = -1999999999",
+                               "INSERT INTO cdc_truncated VALUES (1, 1) ON CONFLICT (id) DO NOTHING"],
     ("source", "cdc_reader"): ["SELECT count(*) FROM employees, emp_cdc, cdc_offset"],
     ("dest", "cdc_reader"): ["SELECT count(*) FROM employees, cdc_applied"],
 }

@@ -30,9 +30,11 @@ GRANT USAGE ON SCHEMA public TO cdc_producer, cdc_reader;
 -- pg_try_advisory_lock and pg_current_snapshot need no grant.
 GRANT SELECT, DELETE ON emp_cdc TO cdc_producer;
 GRANT SELECT, UPDATE ON cdc_offset TO cdc_producer;
--- The cluster's identity and timeline, by which the producer sees a source that went
--- back in time (restored, re-created, failed over): readable by superusers only unless
--- granted, and they tell nothing of the data.
+-- How far the change log's numbering went, by which it sees a source that went back
+-- in time (with the cluster's identity and timeline, below).
+GRANT SELECT ON SEQUENCE emp_cdc_action_id_seq TO cdc_producer;
+-- The cluster's identity and timeline (restored, re-created, failed over): readable by
+-- superusers only unless granted, and they tell nothing of the data.
 GRANT EXECUTE ON FUNCTION pg_control_system(), pg_control_checkpoint() TO cdc_producer;
 
 -- status and verify: read, never write.
