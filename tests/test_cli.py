@@ -165,9 +165,11 @@ def test_readme_tests_table_names_every_test_file():
         assert f"| `tests/{path.name}`" in readme or f", `tests/{path.name}`" in readme, path.name
 
 
-# Flags of other programs that the README shows (docker compose, pytest, the side-by-side
-# benchmark of ../shared/bench).
-OTHER_PROGRAMS_FLAGS = {"--build", "--changes", "--samples", "--dbz-warmup", "--help"}
+# Flags of other programs that the README shows (docker compose, Kafka's own tools, the
+# side-by-side benchmark of ../shared/bench).
+OTHER_PROGRAMS_FLAGS = {"--build", "--profile", "--dbz-warmup", "--help", "--add", "--add-config",
+                        "--add-scram", "--allow-principal", "--alter", "--bootstrap-server",
+                        "--command-config", "--entity-type", "--operation"}
 
 
 def help_flags(script, *command):
@@ -190,8 +192,9 @@ def test_each_script_takes_only_the_settings_it_uses():
 def test_readme_names_every_flag_and_command_and_only_those():
     readme = (ROOT / "README.md").read_text()
     commands = admin_commands()
-    in_code = set().union(*(help_flags(script) for script in ["producer.py", "consumer.py", "test_pipeline.py",
-                                                              "scripts/bench.py", "admin.py"]),
+    scripts = ["producer.py", "consumer.py", "test_pipeline.py", "admin.py", "scripts/bench.py",
+               "scripts/scaling.py", "scripts/make_employees_csv.py"]
+    in_code = set().union(*(help_flags(script) for script in scripts),
                           *(help_flags("admin.py", *command.split()) for command in commands))
     in_readme = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", readme))
     assert in_readme - in_code - OTHER_PROGRAMS_FLAGS == set(), "in the README, in no script"

@@ -17,7 +17,9 @@ from conftest import PORTS, TEST_DB
 
 def test_both_ends_of_a_connection_probe_a_silent_peer(services):
     settings = SimpleNamespace(source_host="localhost", source_port=PORTS["source"],
-                               source_user="postgres", source_password="postgres", source_db=TEST_DB)
+                               source_user="postgres", source_password="postgres", source_db=TEST_DB,
+                               source_sslmode="prefer", source_sslrootcert="", source_sslcert="",
+                               source_sslkey="")
     with closing(config.connect(settings, "source")) as db, db.cursor() as cursor:
         cursor.execute("SELECT current_setting('tcp_keepalives_idle'), current_setting('tcp_keepalives_interval'), "
                        "current_setting('tcp_keepalives_count'), current_setting('tcp_user_timeout')")

@@ -71,8 +71,9 @@ def broker(services, tmp_path_factory):
     keystore.write_text((TLS / "server.key").read_text() + (TLS / "server.crt").read_text())
     properties = ((ROOT / "scripts/kafka/server.properties").read_text() + "\n"
                   + (ROOT / "scripts/kafka/sasl_ssl.properties").read_text())
-    for name, value in {"@DATA_DIR@": home / "data", "@KAFKA_PORT@": port,
-                        "@CONTROLLER_PORT@": controller_port, "@KEYSTORE_PEM@": keystore,
+    for name, value in {"@DATA_DIR@": home / "data", "@KAFKA_PORT@": port, "@NODE_ID@": 1,
+                        "@CONTROLLER_PORT@": controller_port, "@QUORUM@": f"localhost:{controller_port}",
+                        "@REPLICATION@": 1, "@MIN_ISR@": 1, "@KEYSTORE_PEM@": keystore,
                         "@CA_PEM@": TLS / "ca.crt", "@BROKER_PASSWORD@": PASSWORDS["kafka-broker"]}.items():
         properties = properties.replace(name, str(value))
     (home / "server.properties").write_text(properties)
