@@ -24,6 +24,9 @@ REPLAYED = "dlq.replayed"  # header of the marker records
 REPLAYED_FROM = "dlq.replayed_from"  # header of a replayed message: dlq topic:partition:offset
 MARKER_RANGES = 5000  # ranges of offsets per marker: under 100 KB, the broker takes 1 MB
 READ_BATCH = 1000  # messages read from the DLQ per call
+# The group.id the DLQ's readers carry (admin.py dlq, the consumer's re-drive): they
+# commit nothing, but librdkafka needs one, and a broker with ACLs must allow it.
+READER_GROUP = "cdc-dlq-reader"
 
 
 class ReplayError(Exception):
@@ -56,7 +59,7 @@ def read_dlq(settings):
     """The DLQ's records oldest first, without the markers, and the set of
     (partition, offset) the markers say were replayed."""
     reader = Consumer(config.kafka_config(settings, **{
-        "group.id": "cdc-dlq-reader", "enable.auto.commit": False}))
+        "group.id": READER_GROUP, "enable.auto.commit": False}))
     try:
         topic = reader.list_topics(settings.dlq_topic, timeout=TIMEOUT).topics[settings.dlq_topic]
         if topic.error is not None:

@@ -20,6 +20,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import (AclBinding, AclOperation, AclPermissionType, AdminClient,
                                    NewTopic, ResourcePatternType, ResourceType)
 
+import replay
 from conftest import ROOT, Pipeline, employees, query, wait_until
 from test_tls import VERIFIED
 
@@ -117,12 +118,15 @@ def pipeline_acls(pipeline):
         acl("cdc-consumer", T, topic, Op.READ), acl("cdc-consumer", T, topic, Op.DESCRIBE),
         acl("cdc-consumer", T, dlq_topic, Op.WRITE), acl("cdc-consumer", T, dlq_topic, Op.DESCRIBE),
         acl("cdc-consumer", G, group, Op.READ),
+        # The consumer's re-drive reads the DLQ and sends what an outage parked back.
+        acl("cdc-consumer", T, dlq_topic, Op.READ), acl("cdc-consumer", T, topic, Op.WRITE),
+        acl("cdc-consumer", G, replay.READER_GROUP, Op.READ),
         *[acl("cdc-admin", T, name, op) for name in (topic, dlq_topic)
           for op in (Op.CREATE, Op.DELETE, Op.DESCRIBE, Op.DESCRIBE_CONFIGS, Op.READ, Op.WRITE)],
         acl("cdc-admin", G, group, Op.DESCRIBE),
         # The readers of `admin.py dlq` and test_pipeline.py take no part in a group,
         # but librdkafka looks up the coordinator of the group.id they must carry.
-        acl("cdc-admin", G, "cdc-admin-dlq", Op.READ),
+        acl("cdc-admin", G, replay.READER_GROUP, Op.READ),
         AclBinding(G, "test-pipeline-", ResourcePatternType.PREFIXED, "User:cdc-admin", "*",
                    Op.READ, AclPermissionType.ALLOW),
         *[acl(user, CLUSTER, "kafka-cluster", Op.IDEMPOTENT_WRITE)
@@ -204,7 +208,8 @@ def test_each_kafka_user_is_refused_what_its_acls_do_not_allow(secure, broker):
 
     assert read_as("cdc-producer", secure.group) == KafkaError.GROUP_AUTHORIZATION_FAILED
     assert read_as("cdc-consumer", "another_group") == KafkaError.GROUP_AUTHORIZATION_FAILED
-    assert write_as("cdc-consumer", secure.topic) == KafkaError.TOPIC_AUTHORIZATION_FAILED
+    # The consumer writes the DLQ, and the main topic only to re-drive (README): nothing else.
+    assert write_as("cdc-consumer", f"{secure.topic}_other") == KafkaError.TOPIC_AUTHORIZATION_FAILED
     admin = AdminClient(client_settings(broker, "cdc-admin"))
     assert refusal(lambda: admin.create_topics([NewTopic("not_ours", 1, 1)])["not_ours"].result(30)) \
         == KafkaError.TOPIC_AUTHORIZATION_FAILED
