@@ -37,9 +37,10 @@ def dlq_records(pipeline):
     return [record for record in records if "original_topic" in record]
 
 
-def admin(pipeline, *args):
+def admin(pipeline, *args, timeout=60):
+    """admin.py run with the pipeline's settings; never a traceback."""
     result = subprocess.run([sys.executable, str(ROOT / "admin.py"), *args], env=pipeline.env,
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=timeout)
     assert "Traceback" not in result.stderr, result.stderr
     return result
 

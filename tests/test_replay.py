@@ -2,21 +2,13 @@
 replayed, and what was replayed is never sent again."""
 
 import json
-import subprocess
-import sys
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from conftest import KAFKA, ROOT
+from conftest import KAFKA
+from test_dlq import admin
 
 PARKED = 100_000
-
-
-def admin(pipeline, *args):
-    result = subprocess.run([sys.executable, str(ROOT / "admin.py"), *args], env=pipeline.env,
-                            capture_output=True, text=True, timeout=300)
-    assert "Traceback" not in result.stderr, result.stderr
-    return result
 
 
 def park(pipeline, count):
@@ -66,13 +58,14 @@ def read_from(topic, partition, offset):
 def test_replay_of_100000_parked_records_marks_them_all(pipeline):
     park(pipeline, PARKED)
     # Every other record: 50,000 ranges of one offset, more than one marker holds.
-    odd = admin(pipeline, "dlq", "replay", "--error", "odd")
+    odd = admin(pipeline, "dlq", "replay", "--error", "odd", timeout=300)
     assert odd.returncode == 0, odd.stderr
     assert f"Replayed {PARKED // 2} messages" in odd.stdout
-    rest = admin(pipeline, "dlq", "replay")
+    rest = admin(pipeline, "dlq", "replay", timeout=300)
     assert rest.returncode == 0, rest.stderr
     assert f"Replayed {PARKED // 2} messages" in rest.stdout
-    assert admin(pipeline, "dlq", "replay").stdout.strip() == f"Nothing to replay from {pipeline.dlq_topic}."
+    assert (admin(pipeline, "dlq", "replay", timeout=300).stdout.strip()
+            == f"Nothing to replay from {pipeline.dlq_topic}.")
 
     assert sum(end_offsets(pipeline.topic)) == PARKED
     markers = read_from(pipeline.dlq_topic, 0, PARKED)
