@@ -183,6 +183,12 @@ EOF
     grep -q '^max_prepared_transactions' "$data/postgresql.conf" \
         || echo "max_prepared_transactions = 10" | as_pg tee -a "$data/postgresql.conf" >/dev/null
     pg_tls "$name" "$data"
+    # A cluster made for another port (SOURCE_DB_PORT or DEST_DB_PORT changed since)
+    # would be reported up on a port nobody listens on: it moves at its next start.
+    if ! grep -q "^port = $port\$" "$data/postgresql.conf"; then
+        pg_running "$name" && die "the $name PostgreSQL runs on another port than $port: run scripts/stack.sh down $name, then up again"
+        as_pg sed -i "s/^port = .*/port = $port/" "$data/postgresql.conf"
+    fi
     if ! pg_running "$name"; then
         port_open "$port" && die "port $port is already in use by another program; stop it and run up again"
         as_pg "$bin/pg_ctl" -D "$data" -l "$root/$name.log" -w -t 60 start >/dev/null \
@@ -314,6 +320,12 @@ kafka_up() {  # kafka_up NODE...: the nodes of a cluster start together, as each
     # Until the topics exist: a start that failed after the format creates them next time.
     topics_due="$(node_dir 1)/topics.due"
     kafka_formatted || { kafka_format; touch "$topics_due"; }
+    # The controllers' addresses are in the quorum's own log: a node made for another
+    # port cannot move there.
+    for node in "$@"; do
+        grep -q "^listeners=[A-Z_]*://localhost:$(broker_port "$node")," "$(node_dir "$node")/server.properties" \
+            || die "the Kafka data in $(node_dir "$node") was made for another port than $(broker_port "$node"): set KAFKA_PORT to it, or wipe it with scripts/stack.sh reset kafka"
+    done
     for node in "$@"; do kafka_start "$node"; done
     for node in "$@"; do
         wait_for 180 kafka_started "$node" \
