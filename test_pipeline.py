@@ -49,7 +49,7 @@ POLL_INTERVAL = 0.2  # seconds between looks while waiting
 # from a little before the start absorbs a difference between that clock and ours.
 # Older messages cannot match: the tests look for this run's action_id and key.
 CLOCK_SKEW_MS = 10_000
-AUDIT_TRIGGER = "employee_audit_trigger"
+AUDIT_TRIGGERS = ("employee_audit_trigger", "employee_audit_insert_trigger")
 # Cut short: no JSON parser accepts it.
 MALFORMED_VALUE = b'{"note": "malformed on purpose by test_pipeline.py", "emp_id": '
 
@@ -269,10 +269,11 @@ def check_connections(run):
 
 def check_trigger(run):
     with run.db("source").cursor() as cursor:
-        cursor.execute("SELECT 1 FROM pg_trigger WHERE tgname = %s AND tgrelid = 'employees'::regclass",
-                       (AUDIT_TRIGGER,))
-        if cursor.fetchone() is None:
-            raise CheckFailed(f"Trigger {AUDIT_TRIGGER} does not exist on employees "
+        cursor.execute("SELECT tgname FROM pg_trigger WHERE tgname = ANY(%s) "
+                       "AND tgrelid = 'employees'::regclass", (list(AUDIT_TRIGGERS),))
+        missing = set(AUDIT_TRIGGERS) - {name for (name,) in cursor.fetchall()}
+        if missing:
+            raise CheckFailed(f"Trigger {', '.join(sorted(missing))} does not exist on employees "
                              "(apply scripts/source/init.sql)")
     employee = Employee(run.trigger_id, "Trigger", "Check", "1990-01-01", "Test City", 50000)
     changes = insert_employee(run, employee)

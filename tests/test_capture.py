@@ -1,11 +1,13 @@
 """Capture without a commit lock: no NOTIFY in the write path, so writers may use
 two-phase commit; a transaction held open long is published, in order, when it commits."""
 
+import io
 import json
 import threading
 from contextlib import closing
 
-from conftest import INIT_SQL, connect, published_action_ids, query, wait_until
+from conftest import (INIT_SQL, assert_applied_once_in_order, connect, published_action_ids,
+                      query, wait_until)
 
 OLD_NOTIFY_TRIGGER = """
 CREATE OR REPLACE FUNCTION notify_employee_changes() RETURNS trigger
@@ -22,7 +24,7 @@ def test_init_sql_removes_the_notify_trigger_of_an_older_database(services):
         query("source", INIT_SQL["source"].read_text())
     assert query("source", "SELECT tgname FROM pg_trigger WHERE tgrelid = 'employees'::regclass "
                            "AND NOT tgisinternal ORDER BY tgname") == [
-        ("employee_audit_trigger",), ("employee_truncate_trigger",)]
+        ("employee_audit_insert_trigger",), ("employee_audit_trigger",), ("employee_truncate_trigger",)]
     assert query("source", "SELECT proname FROM pg_proc WHERE proname = 'notify_employee_changes'") == []
 
 
@@ -81,3 +83,34 @@ def test_a_long_transaction_is_published_in_order_when_it_commits(pipeline):
     assert salaries_published(pipeline, 1) == [1, 2, 3]
     assert sorted(published_action_ids(pipeline)) == [
         row[0] for row in query("source", "SELECT action_id FROM emp_cdc ORDER BY action_id")]
+
+
+def test_statements_of_many_rows_are_captured_in_order(pipeline):
+    """INSERTs are logged per statement from its transition table: statements that
+    write the same key twice, or read the table they insert into, keep each key's order."""
+    pipeline.record_applied()
+    pipeline.producer()
+    pipeline.consumer()
+    query("source", "INSERT INTO employees (emp_id, first_name, salary) VALUES (1, 'One', 1), (2, 'Two', 2)")
+    query("source", "INSERT INTO employees (first_name, salary) VALUES ('Default', 3), ('Default', 4)")
+    # The same key deleted and inserted again by one statement: DELETE first.
+    query("source", "WITH gone AS (DELETE FROM employees WHERE emp_id = 1 RETURNING *) "
+                    "INSERT INTO employees (emp_id, first_name, salary) SELECT emp_id, 'Again', 10 FROM gone")
+    # An INSERT that reads the table it writes, and an upsert updating some keys.
+    query("source", "INSERT INTO employees (emp_id, first_name, salary) "
+                    "SELECT emp_id + 100, first_name, salary FROM employees")
+    query("source", "INSERT INTO employees (emp_id, first_name, salary) VALUES (2, 'Two', 20), (200, 'New', 200) "
+                    "ON CONFLICT (emp_id) DO UPDATE SET salary = EXCLUDED.salary")
+    with closing(connect("source")) as db, db.cursor() as cursor:
+        cursor.copy_expert("COPY employees (emp_id, first_name, salary) FROM STDIN",
+                           io.StringIO("300\tCopied\t300\n301\tCopied\t301\n"))
+        db.commit()
+    assert query("source", "SELECT action FROM emp_cdc WHERE emp_id = 1 ORDER BY action_id") == [
+        ("INSERT",), ("DELETE",), ("INSERT",)]
+    assert query("source", "SELECT action, salary FROM emp_cdc WHERE emp_id = 2 ORDER BY action_id") == [
+        ("INSERT", 2), ("UPDATE", 20)]
+    source = pipeline.wait_for_equal()
+    assert len(source) == 11
+    assert_applied_once_in_order()
+    # The defaults came after 1 and 2; the copied rows moved the sequence past 301.
+    assert query("source", "INSERT INTO employees (first_name) VALUES ('Next') RETURNING emp_id") == [(302,)]

@@ -52,8 +52,9 @@ def test_step2_schema_in_the_stack_databases(services):
 
     assert {"employees", "emp_cdc", "cdc_offset"} <= tables("source")
     assert {"employees", "cdc_applied"} <= tables("dest")
-    assert query("source", "SELECT tgenabled FROM pg_trigger WHERE tgname = 'employee_audit_trigger'",
-                 dbname="postgres") == [("O",)]
+    assert query("source", "SELECT tgname, tgenabled FROM pg_trigger WHERE tgname LIKE 'employee_audit%' "
+                           "ORDER BY tgname", dbname="postgres") == [
+        ("employee_audit_insert_trigger", "O"), ("employee_audit_trigger", "O")]
     assert query("source", "SELECT id FROM cdc_offset", dbname="postgres") == [(1,)]
 
 
