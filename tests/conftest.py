@@ -244,6 +244,12 @@ class Pipeline:
         ends = {tp.partition: future.result().offset for tp, future in futures.items()}
         return {partition: end for partition, end in ends.items() if end > 0}
 
+    def assignments(self):
+        """The partitions of the topic each member of the group holds, as sorted lists."""
+        group = self.admin.describe_consumer_groups([self.group], request_timeout=10)[self.group].result()
+        return [sorted(part.partition for part in member.assignment.topic_partitions
+                       if part.topic == self.topic) for member in group.members]
+
     def caught_up(self, group=None):
         """Whether the group has committed every message of the topic as consumed."""
         return self.committed_offsets(group) == self.end_offsets()
@@ -273,7 +279,7 @@ class Pipeline:
 RECORD_APPLIED = """
 CREATE TABLE applied_history (
     seq bigserial PRIMARY KEY, emp_id int, action text, first_name text, last_name text,
-    dob text, city text, salary int);
+    dob text, city text, salary int, backend_pid int NOT NULL DEFAULT pg_backend_pid());
 -- SECURITY DEFINER: the consumer's role may write employees and nothing else.
 CREATE OR REPLACE FUNCTION record_applied() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
 BEGIN
@@ -342,11 +348,6 @@ def read_topic(topic, kafka=None):
     finally:
         reader.close()
     return messages
-
-
-def processed(consumer):
-    """How many messages a consumer has processed, from its log."""
-    return sum(map(int, re.findall(r"Successfully processed (\d+) messages", consumer.log())))
 
 
 def published_action_ids(pipeline):
