@@ -24,6 +24,7 @@ REPLAYED = "dlq.replayed"  # header of the marker records
 REPLAYED_FROM = "dlq.replayed_from"  # header of a replayed message: dlq topic:partition:offset
 MARKER_RANGES = 5000  # ranges of offsets per marker: under 100 KB, the broker takes 1 MB
 READ_BATCH = 1000  # messages read from the DLQ per call
+READ_WAIT = 0.2  # seconds a call waits for them
 # The group.id the DLQ's readers carry (admin.py dlq, the consumer's re-drive): they
 # commit nothing, but librdkafka needs one, and a broker with ACLs must allow it.
 READER_GROUP = "cdc-dlq-reader"
@@ -84,10 +85,16 @@ def _read_partition(reader, topic, partition):
     if high <= low:
         return
     reader.assign([TopicPartition(topic, partition, low)])
+    last_answer = time.monotonic()
     while True:
-        messages = reader.consume(READ_BATCH, TIMEOUT)
+        # consume() waits its whole timeout for a batch it cannot fill: short waits,
+        # so that a DLQ of a few records is read at once.
+        messages = reader.consume(READ_BATCH, READ_WAIT)
         if not messages:
-            raise ReplayError(f"{topic} [{partition}]: no answer from Kafka in {TIMEOUT} s")
+            if time.monotonic() - last_answer > TIMEOUT:
+                raise ReplayError(f"{topic} [{partition}]: no answer from Kafka in {TIMEOUT} s")
+            continue
+        last_answer = time.monotonic()
         for message in messages:
             if message.error():
                 raise KafkaException(message.error())

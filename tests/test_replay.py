@@ -47,7 +47,8 @@ def read_from(topic, partition, offset):
         reader.assign([TopicPartition(topic, partition, offset)])
         messages = []
         while len(messages) < end - offset:
-            batch = reader.consume(1000, 10)
+            # No more than are left: consume() waits its whole timeout for a batch it cannot fill.
+            batch = reader.consume(min(1000, end - offset - len(messages)), 10)
             assert batch, f"reading {topic} [{partition}]"
             messages += batch
         return messages
