@@ -8,6 +8,7 @@ a fresh consumer group and emptied tables, and runs the daemons as subprocesses.
 
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -58,6 +59,18 @@ def stack(*args, timeout=300, **env):
     """scripts/stack.sh with the arguments; env overrides its variables (KAFKA_BROKERS, say)."""
     return subprocess.run(["bash", str(ROOT / "scripts/stack.sh"), *args], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=timeout)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--shuffle", type=int, metavar="SEED",
+                     help="run the tests in an order drawn at random from SEED")
+
+
+def pytest_collection_modifyitems(config, items):
+    # No test may rely on what an earlier one left behind: shuffled, each still passes.
+    seed = config.getoption("--shuffle")
+    if seed is not None:
+        random.Random(seed).shuffle(items)
 
 
 def pytest_configure(config):

@@ -167,7 +167,7 @@ def test_readme_tests_table_names_every_test_file():
 
 # Flags of other programs that the README shows (docker compose, pytest, Kafka's own tools, the
 # side-by-side benchmark of ../shared/bench).
-OTHER_PROGRAMS_FLAGS = {"--build", "--profile", "--dbz-warmup", "--help", "--durations", "--add", "--add-config",
+OTHER_PROGRAMS_FLAGS = {"--build", "--profile", "--dbz-warmup", "--help", "--durations", "--shuffle", "--add", "--add-config",
                         "--add-scram", "--allow-principal", "--alter", "--bootstrap-server",
                         "--command-config", "--entity-type", "--operation"}
 
