@@ -12,7 +12,9 @@ time. A bad row is named by its line and reason, and the rest is loaded.
 
 The file is read as a stream, CHUNK_ROWS rows at a time: each chunk is copied into a
 temporary staging table and written to `employees` by one statement, in a transaction
-of its own, while the next chunk is read.
+of its own, while the next chunk is read. With Employee IDs the chunk is split between
+two connections by emp_id, each with its staging table, and the halves are written at
+once; an employee's rows all go through one of them, in the file's order.
 """
 
 import csv
@@ -201,8 +203,8 @@ def load(settings, path):
         raise config.ConfigError(f"{path}: {error.strerror}") from None
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stops as Ctrl+C does
     try:
-        with csv_file, closing(_connect(settings)) as connection:
-            return _load(connection, csv_file, path, settings)
+        with csv_file, closing(_connect(settings)) as first, closing(_connect(settings)) as second:
+            return _load([first, second], csv_file, path, settings)
     except psycopg2.Error as error:
         raise config.ConfigError(f"source database at {config.database_name(settings, 'source')}: "
                                  f"{config.one_line(error)}") from None
@@ -215,14 +217,14 @@ def _connect(settings):
     return connection
 
 
-def _load(connection, csv_file, path, settings):
+def _load(connections, csv_file, path, settings):
     reader = csv.reader(csv_file, skipinitialspace=True)  # also before a quoted value
     header = next(reader, None)
     if header is None:
         raise config.ConfigError(f"{path}: empty file, no header")
     columns = Columns(header, path)
     progress = Progress(os.fstat(csv_file.fileno()).st_size)
-    writer = _Writer(connection, columns.has_ids)
+    writer = _Writer(connections, columns.has_ids)
     read = bad = 0
     chunk = []
     line = 1
@@ -263,42 +265,57 @@ def _load(connection, csv_file, path, settings):
 
 
 class _Writer:
-    """Writes the chunks in a thread of its own, one at a time, while the next one is
-    read: psycopg2 lets go of the GIL while the database works. Keeps the counts."""
+    """Writes the chunks in threads of their own, one chunk at a time, while the next
+    one is read: psycopg2 lets go of the GIL while the database works. With Employee
+    IDs a chunk is split between the connections by emp_id, so the database works on
+    two statements at once while every row of one employee goes through the same
+    connection in the file's order; without them one connection numbers the new
+    employees in the file's order. Keeps the counts."""
 
-    def __init__(self, connection, has_ids):
-        self.connection = connection
+    def __init__(self, connections, has_ids):
+        self.connections = connections if has_ids else connections[:1]
         self.statements = [ADVANCE_SEQUENCE, UPSERT] if has_ids else [INSERT_NEW]
         self.inserted = self.updated = 0
         self.loaded_to = 1  # the last line of the last chunk committed
-        self._thread = ThreadPoolExecutor(max_workers=1)
-        self._pending = None  # (future, the chunk's last line)
+        self._threads = ThreadPoolExecutor(max_workers=len(self.connections))
+        self._pending = None  # (futures, the chunk's last line)
 
     def write(self, chunk, last_line):
         self.wait()
         if chunk:
-            self._pending = (self._thread.submit(self._write, chunk), last_line)
+            futures = [self._threads.submit(self._write, connection, part)
+                       for connection, part in zip(self.connections, self._split(chunk)) if part]
+            self._pending = (futures, last_line)
+
+    def _split(self, chunk):
+        if len(self.connections) == 1:
+            return [chunk]
+        parts = [[] for _ in self.connections]
+        for row in chunk:
+            parts[int(row.split("\t", 2)[1]) % len(parts)].append(row)  # its emp_id
+        return parts
 
     def wait(self):
         """Waits for the chunk being written; raises what writing it raised."""
         if self._pending:
-            future, last_line = self._pending
+            futures, last_line = self._pending
             self._pending = None
-            inserted, updated = future.result()
-            self.inserted += inserted
-            self.updated += updated
+            for future in futures:
+                inserted, updated = future.result()
+                self.inserted += inserted
+                self.updated += updated
             self.loaded_to = last_line
 
     def close(self):
-        self._thread.shutdown()
+        self._threads.shutdown()
 
-    def _write(self, chunk):
-        """Copies a chunk into the staging table, and from there into employees;
-        commits. Returns the rows inserted and updated."""
-        with self.connection.cursor() as cursor:
-            cursor.copy_expert(COPY_STAGING, io.StringIO("".join(chunk)))
+    def _write(self, connection, rows):
+        """Copies rows into the connection's staging table, and from there into
+        employees; commits. Returns the rows inserted and updated."""
+        with connection.cursor() as cursor:
+            cursor.copy_expert(COPY_STAGING, io.StringIO("".join(rows)))
             for statement in self.statements:
                 cursor.execute(statement)
             counts = cursor.fetchone()
-        self.connection.commit()
+        connection.commit()
         return counts

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from conftest import ROOT, query
+from loader import CHUNK_ROWS
 
 SAMPLE_BAD_ROWS = [
     "employees.csv line 19: Employee ID: missing",
@@ -65,6 +66,29 @@ def test_a_changed_row_is_updated_and_only_it_is_captured(pipeline, tmp_path):
     assert summary(result) == (306, 0, 1, 299, 6)
     assert query("source", "SELECT emp_id, salary, action FROM emp_cdc WHERE action_id > 300") == [
         (2, 99000, "UPDATE")]
+
+
+def test_an_employee_repeated_across_chunks_ends_as_the_last_line_in_order(pipeline, tmp_path):
+    # Chunks of CHUNK_ROWS, split between two connections by emp_id: employees 1 and 2
+    # appear many times in more than one chunk. Each chunk writes an employee's last line of it;
+    # the chunks' versions follow one another in the file's order.
+    rows = CHUNK_ROWS * 2 + 500
+    lines = ["emp_id,first_name,last_name,dob,city,salary\n"]
+    lines += [f"{index // 1000 % 2 + 1},Repeated,Row,1990-01-01,City,{index}\n" if index % 1000 == 0 else
+              f"{index + 10},Other,Row,1990-01-01,City,{index}\n" for index in range(rows)]
+    path = tmp_path / "repeated.csv"
+    path.write_text("".join(lines))
+    assert load(pipeline, path).returncode == 0
+    for emp_id in (1, 2):
+        last_of_each_chunk = {}
+        for index in range(0, rows, 1000):
+            if index // 1000 % 2 + 1 == emp_id:
+                last_of_each_chunk[index // CHUNK_ROWS] = index
+        expected = [(salary,) for _, salary in sorted(last_of_each_chunk.items())]
+        assert len(expected) >= 2  # in more than one chunk
+        assert query("source", "SELECT salary FROM emp_cdc WHERE emp_id = %s ORDER BY action_id",
+                     (emp_id,)) == expected
+        assert query("source", "SELECT salary FROM employees WHERE emp_id = %s", (emp_id,)) == expected[-1:]
 
 
 def test_iso_dates_quotes_and_no_ids_the_source_numbers_them(pipeline, tmp_path):
