@@ -55,9 +55,9 @@ SELECT max(last_action_id), EXTRACT(epoch FROM now() - max(applied_at)) FROM cdc
 def run(settings):
     report = {"producer": _section(_producer, settings), "kafka": _section(_kafka, settings),
               "destination": _section(_destination, settings)}
-    # The DLQ is on the same brokers: a probe that found them out of reach answers now
+    # The DLQ is on the same brokers: a probe that found Kafka failing answers now
     # rather than after another timeout.
-    report["dlq"] = ({"error": "not read: Kafka is out of reach"} if "error" in report["kafka"]
+    report["dlq"] = ({"error": "not read, as Kafka failed above"} if "error" in report["kafka"]
                      else _section(_dlq, settings))
     report["lag_seconds"] = max([report["producer"].get("oldest_unpublished_seconds") or 0,
                                  report["kafka"].get("oldest_unconsumed_seconds") or 0])
