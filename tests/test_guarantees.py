@@ -23,6 +23,12 @@ def last_action_id():
     return query("source", "SELECT last_action_id FROM cdc_offset WHERE id = 1")[0][0]
 
 
+def holds_producer_lock():
+    return query("source", "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid) "
+                           "WHERE locktype = 'advisory' AND granted AND application_name = 'cdc-producer' "
+                           "AND datname = current_database()") != [(0,)]
+
+
 def committed_action_ids():
     return [row[0] for row in query("source", "SELECT action_id FROM emp_cdc ORDER BY action_id")]
 
@@ -77,6 +83,8 @@ def test_producer_killed_ten_times_under_load(pipeline):
     with Writers(threads=4, seed=SEED):
         for round_number in range(10):
             producer = pipeline.start("producer.py", f"producer-{round_number}")
+            # Killed at work: once it holds the producer lock, some time into publishing.
+            wait_until(holds_producer_lock, 30, "the producer to take the producer lock", [producer])
             time.sleep(rng.uniform(0.5, 1.5))
             producer.kill()
             watermarks.append(last_action_id())
