@@ -57,7 +57,7 @@ CREATE TEMP TABLE employees_load (
 COPY_STAGING = "COPY employees_load (line, emp_id, first_name, last_name, dob, city, salary) FROM STDIN"
 
 # Before the rows: the ids of the file are never handed out again as defaults, and
-# rows at or below the sequence do not fire employees_emp_id_seq_trigger one by one.
+# rows at or below the sequence do not call employees_emp_id_given() one by one.
 ADVANCE_SEQUENCE = """
 SELECT employees_emp_id_seq_at_least(max(emp_id)) FROM employees_load HAVING count(*) > 0"""
 

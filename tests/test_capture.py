@@ -24,7 +24,8 @@ def test_init_sql_removes_the_notify_trigger_of_an_older_database(services):
         query("source", INIT_SQL["source"].read_text())
     assert query("source", "SELECT tgname FROM pg_trigger WHERE tgrelid = 'employees'::regclass "
                            "AND NOT tgisinternal ORDER BY tgname") == [
-        ("employee_audit_insert_trigger",), ("employee_audit_trigger",), ("employee_truncate_trigger",)]
+        ("employee_audit_insert_trigger",), ("employee_audit_trigger",), ("employee_truncate_trigger",),
+        ("employees_emp_id_given_trigger",)]
     assert query("source", "SELECT proname FROM pg_proc WHERE proname = 'notify_employee_changes'") == []
 
 

@@ -77,9 +77,10 @@ def test_after_a_statement_that_gives_an_id_the_next_default_is_above_it(service
     Pipeline.reset_tables()
     rows = query("source", "INSERT INTO employees (emp_id, first_name) VALUES (1000, 'given'), "
                            "(DEFAULT, 'default') RETURNING emp_id")
-    assert rows == [(1000,), (1,)]
-    assert query("source", INSERT_DEFAULT, ("next",)) == [(1001,)]
-    query("source", "UPDATE employees SET emp_id = 5000 WHERE emp_id = 1")
+    # The sequence moves before the given row is written: the default after it is above.
+    assert rows == [(1000,), (1001,)]
+    assert query("source", INSERT_DEFAULT, ("next",)) == [(1002,)]
+    query("source", "UPDATE employees SET emp_id = 5000 WHERE emp_id = 1001")
     assert query("source", INSERT_DEFAULT, ("next",)) == [(5001,)]
     # Ids given below the sequence leave it where it is.
     query("source", "INSERT INTO employees (emp_id, first_name) VALUES (3, 'low')")

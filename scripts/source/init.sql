@@ -110,10 +110,6 @@ BEGIN
     ELSIF TG_OP = 'INSERT' THEN  -- FOR EACH STATEMENT: its rows are in new_rows
         INSERT INTO emp_cdc (emp_id, first_name, last_name, dob, city, salary, action)
         SELECT emp_id, first_name, last_name, dob, city, salary, 'INSERT' FROM new_rows;
-        -- An id given above the sequence moves it up, so that no later default repeats it.
-        PERFORM employees_emp_id_seq_at_least(given.top)
-        FROM (SELECT max(emp_id) AS top FROM new_rows) AS given
-        WHERE given.top > coalesce(pg_sequence_last_value('employees_emp_id_seq'), 0);
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO emp_cdc (emp_id, first_name, last_name, dob, city, salary, action)
         VALUES (OLD.emp_id, OLD.first_name, OLD.last_name, OLD.dob, OLD.city, OLD.salary, 'DELETE');
@@ -132,6 +128,20 @@ $$;
 CREATE OR REPLACE TRIGGER employee_audit_trigger
     AFTER UPDATE OR DELETE ON employees
     FOR EACH ROW EXECUTE FUNCTION log_employee_changes();
+-- An id given above the sequence moves it up before the row is written, so that no
+-- default drawn once the row exists repeats it. The WHEN test runs without a call of
+-- PL/pgSQL; the function runs only for such an id.
+CREATE OR REPLACE FUNCTION employees_emp_id_given() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM employees_emp_id_seq_at_least(NEW.emp_id);
+    RETURN NEW;
+END;
+$$;
+CREATE OR REPLACE TRIGGER employees_emp_id_given_trigger
+    BEFORE INSERT ON employees FOR EACH ROW
+    WHEN (NEW.emp_id > coalesce(pg_sequence_last_value('employees_emp_id_seq'), 0))
+    EXECUTE FUNCTION employees_emp_id_given();
 CREATE OR REPLACE TRIGGER employee_audit_insert_trigger
     AFTER INSERT ON employees REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION log_employee_changes();
