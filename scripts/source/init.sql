@@ -117,9 +117,6 @@ BEGIN
         INSERT INTO emp_cdc (emp_id, first_name, last_name, dob, city, salary, action)
         VALUES (OLD.emp_id, OLD.first_name, OLD.last_name, OLD.dob, OLD.city, OLD.salary, 'DELETE'),
                (NEW.emp_id, NEW.first_name, NEW.last_name, NEW.dob, NEW.city, NEW.salary, 'INSERT');
-        IF NEW.emp_id > coalesce(pg_sequence_last_value('employees_emp_id_seq'), 0) THEN
-            PERFORM employees_emp_id_seq_at_least(NEW.emp_id);
-        END IF;
     END IF;
     RETURN NULL;
 END;
@@ -128,8 +125,8 @@ $$;
 CREATE OR REPLACE TRIGGER employee_audit_trigger
     AFTER UPDATE OR DELETE ON employees
     FOR EACH ROW EXECUTE FUNCTION log_employee_changes();
--- An id given above the sequence moves it up before the row is written, so that no
--- default drawn once the row exists repeats it. The WHEN test runs without a call of
+-- An id given above the sequence, by an INSERT or an UPDATE of emp_id, moves it up
+-- before the row is written, so that no default drawn once the row exists repeats it. The WHEN test runs without a call of
 -- PL/pgSQL; the function runs only for such an id.
 CREATE OR REPLACE FUNCTION employees_emp_id_given() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -139,7 +136,7 @@ BEGIN
 END;
 $$;
 CREATE OR REPLACE TRIGGER employees_emp_id_given_trigger
-    BEFORE INSERT ON employees FOR EACH ROW
+    BEFORE INSERT OR UPDATE OF emp_id ON employees FOR EACH ROW
     WHEN (NEW.emp_id > coalesce(pg_sequence_last_value('employees_emp_id_seq'), 0))
     EXECUTE FUNCTION employees_emp_id_given();
 CREATE OR REPLACE TRIGGER employee_audit_insert_trigger
