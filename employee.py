@@ -14,6 +14,9 @@ import json
 import re
 from datetime import date
 from dataclasses import dataclass, fields
+from json.encoder import encode_basestring
+
+import orjson
 
 TRUNCATE = "TRUNCATE"
 ACTIONS = ("INSERT", "UPDATE", "DELETE", TRUNCATE)
@@ -62,6 +65,8 @@ _DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_
 
 
 def _check_int(field, value, low, high, nullable):
+    if type(value) is int and low <= value <= high:
+        return  # the common case, first: this runs for every field of every change
     if value is None:
         if not nullable:
             raise InvalidChange(f"{field}: missing or null")
@@ -73,8 +78,9 @@ def _check_int(field, value, low, high, nullable):
 
 
 def _check_text(field, value):
-    if value is None:
-        return
+    if value is None or type(value) is str and len(value) <= TEXT_MAX_LENGTH and value.isascii() \
+            and "\x00" not in value:
+        return  # the common case, first: ASCII holds no surrogate
     if not isinstance(value, str):
         raise InvalidChange(f"{field}: expected a string or null, got {_shown(value)}")
     if len(value) > TEXT_MAX_LENGTH:
@@ -126,8 +132,9 @@ class Employee:
 
     def __post_init__(self):
         _check_int("emp_id", self.emp_id, INT_MIN, INT_MAX, nullable=False)
-        for field in ("first_name", "last_name", "city"):
-            _check_text(field, getattr(self, field))
+        _check_text("first_name", self.first_name)
+        _check_text("last_name", self.last_name)
+        _check_text("city", self.city)
         _check_date("dob", self.dob)
         _check_int("salary", self.salary, INT_MIN, INT_MAX, nullable=True)
 
@@ -191,6 +198,16 @@ class Change:
         """The change a JSON text holds. Whatever a hostile text makes parsing or
         validation raise becomes InvalidChange: RecursionError for deep nesting,
         ValueError for a number of thousands of digits, and anything else."""
+        # The common case at C speed: orjson reads it, and a text with no more colons
+        # than its object has fields names no field twice (each field takes a colon; a
+        # colon in a string only adds one). Anything else, valid or not, is read again
+        # the strict way below, whose errors say what is wrong.
+        try:
+            data = orjson.loads(text)
+            if type(data) is dict and text.count(":") == len(data):
+                return cls.from_dict(data)
+        except Exception:
+            pass
         try:
             return cls.from_dict(_DECODER.decode(text))
         except InvalidChange:
@@ -210,11 +227,28 @@ class Change:
                 "dob": employee.dob, "city": employee.city, "salary": employee.salary,
                 "action": self.action}
 
-    def to_json_text(self):
-        return _ENCODER.encode(self.to_dict())
-
     def to_json(self):
-        return self.to_json_text().encode()
+        """The text json.dumps(self.to_dict(), ensure_ascii=False) makes, as UTF-8,
+        written out field by field: three times as fast, and the producer writes one
+        for every change."""
+        employee = self.employee
+        if employee is None:
+            return _ENCODER.encode(self.to_dict()).encode()
+        return (f'{{"action_id": {self.action_id}, "emp_id": {employee.emp_id}, '
+                f'"first_name": {_json_text(employee.first_name)}, '
+                f'"last_name": {_json_text(employee.last_name)}, "dob": {_json_text(employee.dob)}, '
+                f'"city": {_json_text(employee.city)}, '
+                f'"salary": {"null" if employee.salary is None else employee.salary}, '
+                f'"action": "{self.action}"}}').encode()
 
     def __str__(self):
         return f"action_id={self.action_id}, emp_id={self.emp_id}, action={self.action}"
+
+
+def _json_text(value):
+    return "null" if value is None else encode_basestring(value)
+
+
+def json_array(changes):
+    """The changes as one JSON array text, as the destination's apply reads them."""
+    return orjson.dumps([change.to_dict() for change in changes]).decode()

@@ -76,3 +76,39 @@ def test_what_is_not_a_change_object_is_named(text, message):
 def test_nulls_are_kept():
     change = Change.from_row((1, 5, None, None, None, None, None, "DELETE"))
     assert Change.from_json(change.to_json().decode()) == change
+
+
+# Text that JSON must escape or that a fast reader might read otherwise: quotes,
+# backslashes, control characters, the line separators JavaScript minds, non-ASCII
+# letters, an emoji, a colon (the fast reader counts colons), braces.
+AWKWARD_TEXTS = ['say "hi"', "back\\slash", "tab\there\nnewline\r\x01\x1f", "\u2028\u2029",
+                 "Zoë Ærø", "😀", "a: b", "{}", "[,]", " ", ""]
+
+
+@pytest.mark.parametrize("text", AWKWARD_TEXTS)
+def test_the_wire_text_is_what_json_dumps_writes(text):
+    for row in ((9, 3, text, text, "2000-01-01", text, -5, "INSERT"),
+                (9, 3, None, text, None, None, None, "DELETE"),
+                (9, None, None, None, None, None, None, "TRUNCATE")):
+        change = Change.from_row(row)
+        assert change.to_json() == json.dumps(change.to_dict(), ensure_ascii=False).encode()
+        assert Change.from_json(change.to_json().decode()) == change
+
+
+@pytest.mark.parametrize("text", [
+    '{"action_id": 1, "emp_id": 2, "first_name": null, "last_name": null, "dob": null, '
+    '"city": null, "salary": null, "action": "INSERT", "action": "DELETE"}',
+    '{"action_id" : 1, "action_id" : 2, "emp_id": 2, "first_name": null, "last_name": null, '
+    '"dob": null, "city": null, "salary": null}',
+    '{"action_id": 18446744073709551617, "emp_id": 2, "first_name": null, "last_name": null, '
+    '"dob": null, "city": null, "salary": null, "action": "INSERT"}',
+    '{"action_id": 1, "emp_id": 2, "first_name": "\\ud800", "last_name": null, "dob": null, '
+    '"city": null, "salary": null, "action": "INSERT"}',
+])
+def test_the_fast_reader_refuses_what_the_strict_one_refuses(text):
+    """Repeated fields (spaced so that no '":' gives them away), a number past 64 bits,
+    a lone surrogate: each refused with the strict reader's words."""
+    with pytest.raises(InvalidChange) as error:
+        Change.from_json(text)
+    assert any(words in str(error.value) for words in ("appears more than once", "out of range",
+                                                        "surrogate"))
