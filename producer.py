@@ -33,13 +33,15 @@ log = logging.getLogger("producer")
 
 PRODUCER_LOCK = 0x62665F636463  # advisory lock key held by the active producer ("bf_cdc")
 
-# `in_progress` is the xip list of `since`, as a literal for FETCH_BATCH: the planner
-# then knows how few rows it selects and probes the index.
+# `since` is the saved snapshot, or `published`, one the producer has published up to
+# and not saved yet. `in_progress` is its xip list, as a literal for FETCH_BATCH: the
+# planner then knows how few rows it selects and probes the index.
 LOAD_BATCH = """
-SELECT snapshot::text, ARRAY(SELECT pg_snapshot_xip(snapshot))::text,
+SELECT since::text, ARRAY(SELECT pg_snapshot_xip(since))::text,
        COALESCE(batch_snapshot, pg_current_snapshot())::text,
        batch_action_id, batch_snapshot IS NOT NULL
-FROM cdc_offset WHERE id = 1
+FROM cdc_offset CROSS JOIN LATERAL (SELECT COALESCE(%(published)s::pg_snapshot, snapshot) AS since) AS batch
+WHERE id = 1
 """
 
 # The changes of the transactions visible in `until` and not in `since`. A transaction
@@ -77,7 +79,7 @@ RELAX = 1.1
 
 SAVE_PROGRESS = """
 UPDATE cdc_offset
-SET last_action_id = GREATEST(last_action_id, %(action_id)s),
+SET last_action_id = GREATEST(last_action_id, %(action_id)s), snapshot = %(since)s::pg_snapshot,
     batch_snapshot = %(until)s::pg_snapshot, batch_action_id = %(action_id)s
 WHERE id = 1
 RETURNING last_action_id
@@ -85,9 +87,18 @@ RETURNING last_action_id
 
 CLOSE_BATCH = """
 UPDATE cdc_offset
-SET snapshot = %(until)s::pg_snapshot, batch_snapshot = NULL, batch_action_id = 0
+SET last_action_id = GREATEST(last_action_id, %(action_id)s), snapshot = %(until)s::pg_snapshot,
+    batch_snapshot = NULL, batch_action_id = 0
 WHERE id = 1
+RETURNING last_action_id
 """
+# While changes flow, the end of a batch is saved at most this often. Each save is a
+# new version of cdc_offset's row, which no VACUUM can remove while some transaction
+# older than it stays open: saved after every batch, at 1,000 changes/s, a transaction
+# left open for ten minutes made every look at the row walk some 60,000 of them, and
+# latency grew by tens of milliseconds. A crash loses at most this much progress, and
+# the producer publishes it again.
+SAVE_EVERY = 0.25  # seconds
 
 # The published changes past their retention, among the oldest PURGE_CHUNK. A change
 # whose transaction is older than every one in-flight at the saved snapshot (txid
@@ -122,6 +133,15 @@ class CdcProducer:
         self.db = None  # autocommit: the producer lock, the watermark, the looks for changes
         self.reader = None  # reads a batch through a server-side cursor
         self.next_purge = 0  # time.monotonic() of the next purge of emp_cdc
+        self.forget_unsaved()
+        self.saved_at = 0.0  # time.monotonic() of the last save of the watermark
+
+    def forget_unsaved(self):
+        """What was published since the watermark was last saved: everything
+        visible in the snapshot `published`, up to action_id `published_action_id`."""
+        self.published = None
+        self.published_action_id = 0
+        self.published_unsaved = 0  # records published since the last "Offset saved"
 
     def run(self):
         settings = self.settings
@@ -179,7 +199,11 @@ class CdcProducer:
 
     def connect(self):
         """Connects to the source and waits for the producer lock."""
-        self.db = config.connect(self.settings, "source", application_name="cdc-producer")
+        # The watermark's commits do not wait for the disk: one lost in
+        # a crash of the source only sends the producer back to the watermark before
+        # it, to publish again what the consumer's version gate then skips.
+        self.db = config.connect(self.settings, "source", application_name="cdc-producer",
+                                 options="-c synchronous_commit=off")
         self.db.autocommit = True
         with self.db.cursor() as cursor:
             if not self.wait_for_lock(cursor):
@@ -231,12 +255,14 @@ class CdcProducer:
             if connection is not None:
                 connection.close()
         self.db = self.reader = None
+        # Another producer may take over meanwhile: the next run starts from what is saved.
+        self.forget_unsaved()
 
     def work(self):
         """Publishes the open batch, or a new one; returns whether it published anything.
         A stop leaves the batch open, to be finished by the next run."""
         with self.db.cursor() as cursor:
-            cursor.execute(LOAD_BATCH)
+            cursor.execute(LOAD_BATCH, {"published": self.published})
             since, in_progress, until, after, batch_open = cursor.fetchone()
         published = 0
         with self.reader, self.reader.cursor("emp_cdc_batch") as batch:
@@ -246,17 +272,34 @@ class CdcProducer:
                 started = time.monotonic()
                 self.publish(rows)
                 published += len(rows)
-                with self.db.cursor() as cursor:
-                    cursor.execute(SAVE_PROGRESS, {"until": until, "action_id": rows[-1][0]})
-                    log.info("Successfully published %d records. Offset saved: %d",
-                             len(rows), cursor.fetchone()[0])
+                self.published_unsaved += len(rows)
+                self.published_action_id = max(self.published_action_id, rows[-1][0])
+                saved_open = len(rows) == self.settings.batch_size
+                if saved_open:
+                    # More may follow: the batch is saved open, at this change.
+                    batch_open = True
+                    with self.db.cursor() as cursor:
+                        cursor.execute(SAVE_PROGRESS, {"since": since, "until": until,
+                                                       "action_id": rows[-1][0]})
+                        self.saved(cursor.fetchone()[0])
                 metrics.batch_done("producer", len(rows), started)
-                if self.stop.requested:
+                if self.stop.requested and saved_open:
                     return True
         if published or batch_open:
+            self.published = until
+        if self.published is not None and (batch_open or not published or self.stop.requested
+                                           or time.monotonic() - self.saved_at >= SAVE_EVERY):
             with self.db.cursor() as cursor:
-                cursor.execute(CLOSE_BATCH, {"until": until})
+                cursor.execute(CLOSE_BATCH, {"until": self.published, "action_id": self.published_action_id})
+                self.saved(cursor.fetchone()[0])
+            self.forget_unsaved()
         return published > 0
+
+    def saved(self, offset):
+        if self.published_unsaved:
+            log.info("Successfully published %d records. Offset saved: %d", self.published_unsaved, offset)
+        self.published_unsaved = 0
+        self.saved_at = time.monotonic()
 
     def purge_published(self):
         """Deletes the published changes older than CDC_RETENTION_HOURS, oldest first,
