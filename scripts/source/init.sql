@@ -126,8 +126,8 @@ CREATE OR REPLACE TRIGGER employee_audit_trigger
     AFTER UPDATE OR DELETE ON employees
     FOR EACH ROW EXECUTE FUNCTION log_employee_changes();
 -- An id given above the sequence, by an INSERT or an UPDATE of emp_id, moves it up
--- before the row is written, so that no default drawn once the row exists repeats it. The WHEN test runs without a call of
--- PL/pgSQL; the function runs only for such an id.
+-- before the row is written, so that no default drawn once the row exists repeats it.
+-- The WHEN test runs without a call of PL/pgSQL; the function runs only for such an id.
 CREATE OR REPLACE FUNCTION employees_emp_id_given() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
