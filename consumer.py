@@ -214,6 +214,19 @@ class CdcConsumer:
         log.info("DLQ Topic: %s", settings.dlq_topic)
         log.info("Destination database: %s", config.database_name(settings, "dest"))
         metrics.serve(settings.consumer_metrics_port)
+        try:
+            self.consume()
+        finally:
+            # On every way out, a ConfigError too: a client left to the interpreter's
+            # exit is destroyed with librdkafka's threads still running, which crashed
+            # the process (SIGSEGV) now and then instead of exiting 1.
+            self.applier.shutdown()
+            self.kafka.close()  # commits the offsets stored so far and leaves the group
+            self.disconnect()
+        log.info("CDC Consumer stopped.")
+
+    def consume(self):
+        settings = self.settings
         config.check_topics(self.kafka, settings, [settings.topic, settings.dlq_topic], self.stop)
         self.kafka.subscribe([settings.topic], on_assign=self.on_assign, on_revoke=self.on_revoke)
         log.info("Subscribed to topics: %s", [settings.topic])
@@ -225,7 +238,6 @@ class CdcConsumer:
             except BatchAbandoned:
                 log.info("Batch abandoned; it will be consumed again on the next start.")
             except config.ConfigError:
-                self.kafka.close()
                 raise
             except config.FatalKafkaError as error:
                 failures += 1
@@ -238,10 +250,6 @@ class CdcConsumer:
                 metrics.error("consumer", error)
                 log.exception("Unexpected error; the batch will be consumed again")
                 self.stop.sleep(config.backoff_delay(settings, failures))
-        self.kafka.close()  # commits the offsets stored so far and leaves the group
-        self.applier.shutdown()
-        self.disconnect()
-        log.info("CDC Consumer stopped.")
 
     def on_assign(self, consumer, partitions):
         log.info("Assigned partitions: %s", sorted(p.partition for p in partitions))
