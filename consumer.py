@@ -72,7 +72,7 @@ WHERE emp_id NOT IN (SELECT emp_id FROM cdc_applied WHERE last_action_id > %(act
 APPLY = """
 WITH incoming AS (
     SELECT DISTINCT ON (emp_id) *
-    FROM jsonb_to_recordset(%(changes)s::jsonb) AS change(
+    FROM json_to_recordset(%(changes)s::json) AS change(
         action_id BIGINT, action TEXT, emp_id INT, first_name TEXT, last_name TEXT,
         dob DATE, city TEXT, salary INT)
     WHERE action_id > COALESCE((SELECT action_id FROM cdc_truncated WHERE id = 1), 0)
@@ -146,8 +146,10 @@ def lock_employees(cursor, changes):
     if any(change.action == TRUNCATE for change in changes):
         cursor.execute(LOCK_ALL_EMPLOYEES)
     else:
-        cursor.execute(LOCK_EMPLOYEES, {"lock_space": EMPLOYEE_LOCKS,
-                                        "emp_ids": [change.emp_id for change in changes]})
+        # The ids as one array literal: a Python list goes as ARRAY[1, 2, ...], 2,000
+        # constants for the server to parse (11-14 ms a batch, against 4.5).
+        emp_ids = ",".join([str(change.emp_id) for change in changes])
+        cursor.execute(LOCK_EMPLOYEES, {"lock_space": EMPLOYEE_LOCKS, "emp_ids": f"{{{emp_ids}}}"})
 
 
 def apply_changes(cursor, changes):
