@@ -32,25 +32,13 @@ from employee import TRUNCATE, Change, InvalidChange, json_array
 
 log = logging.getLogger("consumer")
 
-# Two consumers may hold changes of one employee at once (partitions added, or moved
-# from a consumer that overran max.poll.interval.ms). In READ COMMITTED each statement
-# reads its own snapshot, so the batch's employees are locked, in emp_id order, by a
-# statement of their own before APPLY: APPLY's snapshot, taken once the locks are
-# held, then has what the previous holder committed (its DELETE sees that holder's
-# INSERT). Transaction-level advisory locks: released at commit, no rows needed.
-LOCK_EMPLOYEES = """
-SELECT pg_advisory_xact_lock(%(lock_space)s, emp_id)
-FROM (SELECT DISTINCT unnest(%(emp_ids)s::int[]) AS emp_id ORDER BY emp_id) AS batch
-"""
-EMPLOYEE_LOCKS = 0x62665F65  # first half of the advisory lock keys of LOCK_EMPLOYEES ("bf_e")
-
 # A TRUNCATE waits for every apply in flight (they hold ROW EXCLUSIVE on cdc_applied
 # until they commit) and holds the next ones off; its own statement then sees them all.
 LOCK_ALL_EMPLOYEES = "LOCK TABLE cdc_applied IN EXCLUSIVE MODE"
 
 # A TRUNCATE numbered T removed every row whose newest change is older than T, and
 # every change older than T was made before it: the watermark in cdc_truncated makes
-# APPLY skip those, wherever and whenever they arrive. A row changed after the
+# GATE skip those, wherever and whenever they arrive. A row changed after the
 # TRUNCATE (newer than T), applied already, stays.
 APPLY_TRUNCATE = """
 WITH watermark AS (
@@ -66,43 +54,48 @@ DELETE FROM employees
 WHERE emp_id NOT IN (SELECT emp_id FROM cdc_applied WHERE last_action_id > %(action_id)s)
 """
 
-# Each employee's newest change in the batch is applied if it is newer than the one
-# applied before (ON CONFLICT ... WHERE) and than the last TRUNCATE; the statement
-# returns those applied. Rows are written in emp_id order, as they were locked.
-APPLY = """
+# Each employee's newest change in the batch takes its place in cdc_applied if it is
+# newer than the one applied before (ON CONFLICT ... WHERE) and than the last TRUNCATE;
+# the statement returns those that did. Their rows stay locked until the commit, and
+# that lock orders two consumers holding changes of one employee at once (partitions
+# added, or moved from a consumer that overran max.poll.interval.ms): ON CONFLICT waits
+# for the other's commit and compares with what it committed. Rows are taken in emp_id
+# order, so two applies wait on each other without deadlock. (Row locks live in the
+# rows: the advisory lock per employee used before took 2,000 slots of the server's
+# lock table per batch, and an eighth consumer's batch failed "out of shared memory".)
+GATE = """
+INSERT INTO cdc_applied AS applied (emp_id, last_action_id, deleted)
+SELECT DISTINCT ON (emp_id) emp_id, action_id, action = 'DELETE'
+FROM json_to_recordset(%(changes)s::json) AS change(action_id BIGINT, action TEXT, emp_id INT)
+WHERE action_id > COALESCE((SELECT action_id FROM cdc_truncated WHERE id = 1), 0)
+ORDER BY emp_id, action_id DESC
+ON CONFLICT (emp_id) DO UPDATE
+    SET last_action_id = excluded.last_action_id, deleted = excluded.deleted,
+        applied_at = now()
+    WHERE applied.last_action_id < excluded.last_action_id
+RETURNING emp_id, last_action_id
+"""
+
+# The changes that passed GATE, written to employees in a statement of its own: in READ
+# COMMITTED its snapshot is taken after GATE's waits, so it has what the previous holder
+# of an employee committed (its DELETE sees that holder's INSERT).
+WRITE = """
 WITH incoming AS (
-    SELECT DISTINCT ON (emp_id) *
-    FROM json_to_recordset(%(changes)s::json) AS change(
-        action_id BIGINT, action TEXT, emp_id INT, first_name TEXT, last_name TEXT,
-        dob DATE, city TEXT, salary INT)
-    WHERE action_id > COALESCE((SELECT action_id FROM cdc_truncated WHERE id = 1), 0)
-    ORDER BY emp_id, action_id DESC
-),
-newest AS (
-    INSERT INTO cdc_applied AS applied (emp_id, last_action_id, deleted)
-    SELECT emp_id, action_id, action = 'DELETE' FROM incoming ORDER BY emp_id
-    ON CONFLICT (emp_id) DO UPDATE
-        SET last_action_id = excluded.last_action_id, deleted = excluded.deleted,
-            applied_at = now()
-        WHERE applied.last_action_id < excluded.last_action_id
-    RETURNING emp_id, last_action_id
+    SELECT * FROM json_to_recordset(%(changes)s::json) AS change(
+        action TEXT, emp_id INT, first_name TEXT, last_name TEXT, dob DATE, city TEXT,
+        salary INT)
 ),
 deleted AS (
-    DELETE FROM employees
-    WHERE emp_id IN (SELECT emp_id FROM incoming JOIN newest USING (emp_id)
-                     WHERE action = 'DELETE')
-),
-upserted AS (
-    INSERT INTO employees (emp_id, first_name, last_name, dob, city, salary)
-    SELECT emp_id, first_name, last_name, dob, city, salary
-    FROM incoming JOIN newest USING (emp_id)
-    WHERE action <> 'DELETE'
-    ORDER BY emp_id
-    ON CONFLICT (emp_id) DO UPDATE
-        SET first_name = excluded.first_name, last_name = excluded.last_name,
-            dob = excluded.dob, city = excluded.city, salary = excluded.salary
+    DELETE FROM employees WHERE emp_id IN (SELECT emp_id FROM incoming WHERE action = 'DELETE')
 )
-SELECT emp_id, last_action_id FROM newest
+INSERT INTO employees (emp_id, first_name, last_name, dob, city, salary)
+SELECT emp_id, first_name, last_name, dob, city, salary
+FROM incoming
+WHERE action <> 'DELETE'
+ORDER BY emp_id
+ON CONFLICT (emp_id) DO UPDATE
+    SET first_name = excluded.first_name, last_name = excluded.last_name,
+        dob = excluded.dob, city = excluded.city, salary = excluded.salary
 """
 
 # The destination is out of reach, or not ready for us (schema missing, no privilege):
@@ -141,19 +134,14 @@ def parse_change(message):
 
 
 def lock_employees(cursor, changes):
-    """Locks what the changes will write, before they are applied: every employee
-    for a TRUNCATE, else theirs."""
+    """A batch with a TRUNCATE locks every employee before it is applied; GATE locks
+    the employees of any other batch."""
     if any(change.action == TRUNCATE for change in changes):
         cursor.execute(LOCK_ALL_EMPLOYEES)
-    else:
-        # The ids as one array literal: a Python list goes as ARRAY[1, 2, ...], 2,000
-        # constants for the server to parse (11-14 ms a batch, against 4.5).
-        emp_ids = ",".join([str(change.emp_id) for change in changes])
-        cursor.execute(LOCK_EMPLOYEES, {"lock_space": EMPLOYEE_LOCKS, "emp_ids": f"{{{emp_ids}}}"})
 
 
 def apply_changes(cursor, changes):
-    """Applies the changes, locked by lock_employees(), in the cursor's transaction;
+    """Applies the changes, after lock_employees(), in the cursor's transaction;
     returns {emp_id: action_id} of the changes applied."""
     for change in changes:
         if change.action == TRUNCATE:
@@ -163,8 +151,12 @@ def apply_changes(cursor, changes):
         return {}
     # PostgreSQL reads the changes as Python validated them, written anew, never the
     # bytes that came: those may hold fields, nesting or escapes it reads otherwise.
-    cursor.execute(APPLY, {"changes": json_array(rows)})
-    return dict(cursor.fetchall())
+    cursor.execute(GATE, {"changes": json_array(rows)})
+    applied = dict(cursor.fetchall())
+    passed = [change for change in rows if applied.get(change.emp_id) == change.action_id]
+    if passed:
+        cursor.execute(WRITE, {"changes": json_array(passed)})
+    return applied
 
 
 def where(message):
@@ -364,12 +356,15 @@ class CdcConsumer:
 
     def apply_one_by_one(self, batch):
         """After bad data failed the batch: each change under a savepoint, so that the
-        good ones commit and the bad ones are returned for the DLQ. The batch's
-        employees are locked first, all at once and in order, as apply() does."""
+        good ones commit and the bad ones are returned for the DLQ. In emp_id order,
+        each employee's changes in the batch's order: each GATE locks its employee, and
+        in this order two applies wait on each other without deadlock, as in apply()."""
         applied, rejected, good = {}, [], []
         with self.db.cursor() as cursor:
             lock_employees(cursor, [change for _, change in batch])
-        for message, change in batch:
+        # A TRUNCATE (no emp_id) first; sorted() keeps each employee's changes in order.
+        in_order = sorted(batch, key=lambda item: (item[1].emp_id is not None, item[1].emp_id or 0))
+        for message, change in in_order:
             with self.db.cursor() as cursor:
                 cursor.execute("SAVEPOINT one_change")
                 try:

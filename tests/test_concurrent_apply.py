@@ -15,8 +15,10 @@ from workload import Writers
 
 
 def waiting_for_a_lock():
-    return query("dest", "SELECT count(*) FROM pg_locks WHERE NOT granted "
-                         "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")[0][0]
+    # A row lock is waited for on the holder's transaction id, which pg_locks shows
+    # without a database: the waiting session says what it waits for.
+    return query("dest", "SELECT count(*) FROM pg_stat_activity "
+                         "WHERE wait_event_type = 'Lock' AND datname = current_database()")[0][0]
 
 
 def apply_in_transaction(db, changes, commit=True):
@@ -47,6 +49,24 @@ def test_an_apply_waiting_on_another_sees_what_it_committed(pipeline):
         second.close()
     assert employees("dest") == []
     assert query("dest", "SELECT emp_id, last_action_id, deleted FROM cdc_applied") == [(1, 11, True)]
+
+
+def test_eight_applies_of_2000_employees_at_once(pipeline):
+    # The server's lock table has room for about 64 locks per connection: with a lock
+    # per employee, the eighth of these failed "out of shared memory".
+    connections = [connect("dest") for _ in range(8)]
+    try:
+        for number, db in enumerate(connections):
+            db.autocommit = False
+            changes = [Change(number * 2000 + n, "INSERT", Employee(number * 2000 + n, "A", "B", "1990-01-01", "C", n))
+                       for n in range(1, 2001)]
+            apply_in_transaction(db, changes, commit=False)
+        for db in connections:
+            db.commit()
+    finally:
+        for db in connections:
+            db.close()
+    assert query("dest", "SELECT count(*) FROM employees") == [(16000,)]
 
 
 def test_three_consumers_while_the_topic_grows_from_3_to_6_partitions(pipeline):
