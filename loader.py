@@ -106,7 +106,7 @@ def _integer(text, name):
 
 
 # Birth dates repeat (a century has 36,525 days): each distinct text is parsed once, so
-# a date costs a lookup (0.1 µs) instead of a parse (1.5 µs). Bad dates raise and are
+# a date costs a lookup (0.3 µs) instead of a parse (1.5 µs). Bad dates raise and are
 # not kept.
 @functools.lru_cache(maxsize=1 << 16)
 def _date(text, name):
@@ -209,8 +209,8 @@ def load(settings, path):
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stops as Ctrl+C does
     # The threads writing to PostgreSQL need the GIL for a moment after each of its
     # answers, and the thread reading the CSV holds it for the 5 ms Python lets it
-    # by default: the connections sat idle waiting (1,000,000 rows: 49,500-51,000
-    # rows/s with 5 ms, 54,700-58,500 with 0.5 ms).
+    # by default: the connections sat idle waiting (1,000,000 rows: 49,487 and 51,085
+    # rows/s with 5 ms, 54,712 and 58,482 with 0.5 ms).
     sys.setswitchinterval(0.0005)
     try:
         with csv_file, closing(_connect(settings)) as first, closing(_connect(settings)) as second:
