@@ -6,13 +6,17 @@
 #   scripts/run.sh          set up, start the daemons, demonstrate
 #   scripts/run.sh stop     stop the daemons (scripts/stack.sh down stops the stack)
 #
-# Daemon logs: .stack/logs/producer.log and .stack/logs/consumer.log
+# Daemon logs: .stack/logs/producer.log and .stack/logs/consumer.log (RUN_LOG_DIR moves
+# them and the pid files). The daemons take their settings from the environment and .env;
+# this script's psql uses SOURCE_DB_PORT, DEST_DB_PORT, SOURCE_DB_NAME and DEST_DB_NAME.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-LOGS="$ROOT/.stack/logs"
+LOGS=${RUN_LOG_DIR:-$ROOT/.stack/logs}
 SOURCE_PORT=${SOURCE_DB_PORT:-5432}
 DEST_PORT=${DEST_DB_PORT:-5433}
+SOURCE_DB=${SOURCE_DB_NAME:-postgres}
+DEST_DB=${DEST_DB_NAME:-postgres}
 export PGPASSWORD=postgres
 cd "$ROOT"  # the daemons read .env from their working directory
 
@@ -53,12 +57,16 @@ stop_daemons() {
     done
 }
 
-psql_at() {  # psql_at PORT SQL
-    psql -h localhost -p "$1" -U postgres -d postgres -v ON_ERROR_STOP=1 -qAt -c "$2"
+psql_at() {  # psql_at source|dest SQL
+    if [ "$1" = source ]; then
+        psql -h localhost -p "$SOURCE_PORT" -U postgres -d "$SOURCE_DB" -v ON_ERROR_STOP=1 -qAt -c "$2"
+    else
+        psql -h localhost -p "$DEST_PORT" -U postgres -d "$DEST_DB" -v ON_ERROR_STOP=1 -qAt -c "$2"
+    fi
 }
 
 wait_for_destination() {  # wait_for_destination SQL-THAT-RETURNS-A-ROW-WHEN-THERE STARTED-NS
-    until [ -n "$(psql_at "$DEST_PORT" "$1")" ]; do
+    until [ -n "$(psql_at dest "$1")" ]; do
         if [ $(( ($(date +%s%N) - $2) / 1000000 )) -gt 30000 ]; then
             echo "Error: the destination did not get it within 30 s; see $LOGS" >&2
             exit 1
@@ -69,23 +77,23 @@ wait_for_destination() {  # wait_for_destination SQL-THAT-RETURNS-A-ROW-WHEN-THE
 }
 
 load_sample() {
-    [ "$(psql_at "$SOURCE_PORT" "SELECT count(*) FROM employees")" = 0 ] || return 0
+    [ "$(psql_at source "SELECT count(*) FROM employees")" = 0 ] || return 0
     local started count elapsed
     echo
     echo "The source has no employees yet: python admin.py load employees.csv (the sample, with 6 rows wrong on purpose)"
     started=$(date +%s%N)
     .venv/bin/python admin.py load employees.csv
-    count=$(psql_at "$SOURCE_PORT" "SELECT count(*) FROM employees")
+    count=$(psql_at source "SELECT count(*) FROM employees")
     elapsed=$(wait_for_destination "SELECT 1 FROM employees HAVING count(*) = $count" "$started")
     echo "The destination ($DEST_PORT) has all $count after ${elapsed} ms:"
-    psql -h localhost -p "$DEST_PORT" -U postgres -d postgres \
+    psql -h localhost -p "$DEST_PORT" -U postgres -d "$DEST_DB" \
         -c "SELECT * FROM employees ORDER BY emp_id LIMIT 3"
 }
 
 offer_snapshot() {  # the rows that predate capture, when the destination has none yet
     local source_rows dest_rows answer
-    source_rows=$(psql_at "$SOURCE_PORT" "SELECT count(*) FROM employees")
-    dest_rows=$(psql_at "$DEST_PORT" "SELECT count(*) FROM employees")
+    source_rows=$(psql_at source "SELECT count(*) FROM employees")
+    dest_rows=$(psql_at dest "SELECT count(*) FROM employees")
     if [ "$source_rows" -eq 0 ] || [ "$dest_rows" -ne 0 ]; then
         return 0
     fi
@@ -104,14 +112,14 @@ demonstrate() {
     local emp_id=$((900000 + RANDOM)) started elapsed
     echo
     echo "Demonstration: INSERT INTO employees ... VALUES ($emp_id, 'Demo', 'User', '1990-01-01', 'New York', 75000) on the source ($SOURCE_PORT)"
-    psql_at "$SOURCE_PORT" "DELETE FROM employees WHERE emp_id = $emp_id"
+    psql_at source "DELETE FROM employees WHERE emp_id = $emp_id"
     started=$(date +%s%N)
-    psql_at "$SOURCE_PORT" "INSERT INTO employees (emp_id, first_name, last_name, dob, city, salary)
+    psql_at source "INSERT INTO employees (emp_id, first_name, last_name, dob, city, salary)
                   VALUES ($emp_id, 'Demo', 'User', '1990-01-01', 'New York', 75000)"
     elapsed=$(wait_for_destination "SELECT 1 FROM employees WHERE emp_id = $emp_id" "$started")
     echo "The destination ($DEST_PORT) has it after ${elapsed} ms:"
-    psql -h localhost -p "$DEST_PORT" -U postgres -d postgres -c "SELECT * FROM employees WHERE emp_id = $emp_id"
-    psql_at "$SOURCE_PORT" "DELETE FROM employees WHERE emp_id = $emp_id"
+    psql -h localhost -p "$DEST_PORT" -U postgres -d "$DEST_DB" -c "SELECT * FROM employees WHERE emp_id = $emp_id"
+    psql_at source "DELETE FROM employees WHERE emp_id = $emp_id"
     echo "Deleted it again on the source; the destination follows."
 }
 
@@ -129,6 +137,6 @@ case ${1:-start} in
         echo "Check it:  .venv/bin/python test_pipeline.py     Stop it:  bash scripts/run.sh stop"
         ;;
     stop) stop_daemons ;;
-    -h|--help|help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' ;;
-    *) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    -h|--help|help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' ;;
+    *) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac
