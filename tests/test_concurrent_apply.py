@@ -21,6 +21,16 @@ def waiting_for_a_lock():
                          "WHERE wait_event_type = 'Lock' AND datname = current_database()")[0][0]
 
 
+def applier():
+    """A connection to the destination as the consumer's: GATE and WRITE prepared, and
+    a transaction per apply."""
+    db = connect("dest")
+    with db.cursor() as cursor:
+        cursor.execute(consumer.PREPARE_APPLY)
+    db.autocommit = False
+    return db
+
+
 def apply_in_transaction(db, changes, commit=True):
     with db.cursor() as cursor:
         consumer.lock_employees(cursor, changes)
@@ -31,8 +41,7 @@ def apply_in_transaction(db, changes, commit=True):
 
 def test_an_apply_waiting_on_another_sees_what_it_committed(pipeline):
     employee = Employee(1, "Ada", "Lovelace", "1815-12-10", "London", 1)
-    first, second = connect("dest"), connect("dest")
-    first.autocommit = second.autocommit = False
+    first, second = applier(), applier()
     try:
         # Consumer A applies the INSERT (10) and has not committed; consumer B applies
         # the DELETE (11), waits on A, and must see A's row once A commits.
@@ -54,10 +63,9 @@ def test_an_apply_waiting_on_another_sees_what_it_committed(pipeline):
 def test_eight_applies_of_2000_employees_at_once(pipeline):
     # The server's lock table has room for about 64 locks per connection: with a lock
     # per employee, the eighth of these failed "out of shared memory".
-    connections = [connect("dest") for _ in range(8)]
+    connections = [applier() for _ in range(8)]
     try:
         for number, db in enumerate(connections):
-            db.autocommit = False
             changes = [Change(number * 2000 + n, "INSERT", Employee(number * 2000 + n, "A", "B", "1990-01-01", "C", n))
                        for n in range(1, 2001)]
             apply_in_transaction(db, changes, commit=False)
