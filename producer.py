@@ -19,6 +19,7 @@ and takes over when the first stops.
 import json
 import logging
 import time
+from contextlib import closing
 
 import psycopg2
 from confluent_kafka import KafkaError, Producer
@@ -269,24 +270,27 @@ class CdcProducer:
             cursor.execute(LOAD_BATCH, {"published": self.published})
             since, in_progress, until, after, batch_open = cursor.fetchone()
         published = 0
-        for rows in self.batch_chunks({"since": since, "in_progress": in_progress,
-                                       "until": until, "after": after}):
-            started = time.monotonic()
-            self.publish(rows)
-            published += len(rows)
-            self.published_unsaved += len(rows)
-            self.published_action_id = max(self.published_action_id, rows[-1][0])
-            saved_open = len(rows) == self.settings.batch_size
-            if saved_open:
-                # More may follow: the batch is saved open, at this change.
-                batch_open = True
-                with self.db.cursor() as cursor:
-                    cursor.execute(SAVE_PROGRESS, {"since": since, "until": until,
-                                                   "action_id": rows[-1][0]})
-                    self.saved(cursor.fetchone()[0])
-            metrics.batch_done("producer", len(rows), started)
-            if self.stop.requested and saved_open:
-                return True
+        # closing(): the server-side cursor's transaction ends here, however work() ends
+        # (a stop, a PublishError), not later when the generator is collected.
+        with closing(self.batch_chunks({"since": since, "in_progress": in_progress,
+                                        "until": until, "after": after})) as chunks:
+            for rows in chunks:
+                started = time.monotonic()
+                self.publish(rows)
+                published += len(rows)
+                self.published_unsaved += len(rows)
+                self.published_action_id = max(self.published_action_id, rows[-1][0])
+                saved_open = len(rows) == self.settings.batch_size
+                if saved_open:
+                    # More may follow: the batch is saved open, at this change.
+                    batch_open = True
+                    with self.db.cursor() as cursor:
+                        cursor.execute(SAVE_PROGRESS, {"since": since, "until": until,
+                                                       "action_id": rows[-1][0]})
+                        self.saved(cursor.fetchone()[0])
+                metrics.batch_done("producer", len(rows), started)
+                if self.stop.requested and saved_open:
+                    return True
         if published or batch_open:
             self.published = until
         if self.published is not None and (batch_open or not published or self.stop.requested

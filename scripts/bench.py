@@ -22,7 +22,7 @@ producer.py and consumer.py, all removed at the end. It prints one table:
   memory            the peak RSS of each daemon over all of the above
 
   .venv/bin/python scripts/bench.py            # the full run, about 20 minutes
-  .venv/bin/python scripts/bench.py --quick    # every part, small: about a minute
+  .venv/bin/python scripts/bench.py --quick    # every part, small: about 20 seconds
 """
 
 import argparse
@@ -61,8 +61,8 @@ SIZES = {
     False: SimpleNamespace(changes=100000, samples=50, pgbench_seconds=15, rate=1000,
                            load_seconds=60, max_seconds=30, long_minutes=10, minute=60,
                            backlog=1_000_000),
-    True: SimpleNamespace(changes=2000, samples=10, pgbench_seconds=2, rate=1000,
-                          load_seconds=3, max_seconds=3, long_minutes=2, minute=3,
+    True: SimpleNamespace(changes=2000, samples=10, pgbench_seconds=1, rate=1000,
+                          load_seconds=2, max_seconds=2, long_minutes=2, minute=2,
                           backlog=20000),
 }
 

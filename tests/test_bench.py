@@ -21,7 +21,7 @@ ROWS = [r"single row +10 inserts one at a time.*median [\d.]+ ms, p95 [\d.]+ ms"
         r"memory +peak RSS of each daemon.*producer \d+ MB, consumer \d+ MB"]
 
 
-def test_quick_benchmark_prints_every_row(services):  # about a minute
+def test_quick_benchmark_prints_every_row(services):  # about 20 seconds
     env = {**os.environ, "SOURCE_DB_PORT": str(PORTS["source"]), "DEST_DB_PORT": str(PORTS["dest"]),
            "KAFKA_BOOTSTRAP_SERVERS": KAFKA}
     result = subprocess.run([sys.executable, str(ROOT / "scripts/bench.py"), "--quick"], env=env,
