@@ -99,7 +99,8 @@ ON CONFLICT (emp_id) DO UPDATE
 """
 
 # GATE and WRITE are planned once per connection: for a batch of a few changes, the
-# planning took longer than the statements themselves (1.2 of 1.6 ms, measured).
+# planning took twice as long as the statements (one change: 1.2 ms for both planned
+# each time, 0.4 ms prepared).
 PREPARE_APPLY = f"PREPARE gate(json) AS {GATE}; PREPARE write(json) AS {WRITE}"
 
 # The destination is out of reach, or not ready for us (schema missing, no privilege):
