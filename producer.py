@@ -49,7 +49,7 @@ WHERE id = 1
 # is not visible in `since` when it began at or after its xmax, or was in progress at it
 # (its xip list, `in_progress`): two probes of emp_cdc_txid, so a batch reads what it
 # holds, however long ago the oldest transaction still open (the xmin of `since`) began.
-FETCH_BATCH = """
+BATCH_CHANGES = """
 SELECT action_id, emp_id, first_name, last_name, dob::text, city, salary, action
 FROM emp_cdc
 WHERE (txid >= pg_snapshot_xmax(%(since)s::pg_snapshot)
@@ -57,12 +57,15 @@ WHERE (txid >= pg_snapshot_xmax(%(since)s::pg_snapshot)
   AND txid < pg_snapshot_xmax(%(until)s::pg_snapshot)
   AND pg_visible_in_snapshot(txid, %(until)s::pg_snapshot)
   AND action_id > %(after)s
-ORDER BY action_id
 """
+FETCH_BATCH = BATCH_CHANGES + "ORDER BY action_id"
 # Its first chunk: a batch is most often a few changes, and one statement on the
 # autocommit connection reads them all (a server-side cursor took six round trips to
-# the source, half of the producer's time at 1,000 changes/s).
-FETCH_FIRST = FETCH_BATCH + "LIMIT %(size)s"
+# the source, two fifths of the producer's time at 1,000 changes/s). `+ 0` keeps the
+# planner off the primary key: to fill the LIMIT of a large batch it walked emp_cdc
+# from its oldest row, through every change still kept (1,000,000 older rows: 313 ms;
+# sorted from the txid index: 123 ms).
+FETCH_FIRST = BATCH_CHANGES + "ORDER BY action_id + 0 LIMIT %(size)s"
 
 # Whether a transaction not visible in the saved snapshot has committed a change: the
 # statement sees only committed rows, so any row past that snapshot is one. The same two
@@ -135,7 +138,8 @@ class CdcProducer:
         self.settings = settings
         self.stop = stop
         self.kafka = self.new_kafka_producer()
-        self.db = None  # autocommit: the producer lock, the watermark, the looks for changes, a batch's first chunk
+        # autocommit: the producer lock, the watermark, the looks, a batch's first chunk
+        self.db = None
         self.reader = None  # reads on through a server-side cursor when a batch is larger
         self.next_purge = 0  # time.monotonic() of the next purge of emp_cdc
         self.forget_unsaved()

@@ -6,6 +6,7 @@ import json
 import threading
 from contextlib import closing
 
+import producer
 from conftest import (INIT_SQL, assert_applied_once_in_order, connect, published_action_ids,
                       query, wait_until)
 
@@ -115,3 +116,27 @@ def test_statements_of_many_rows_are_captured_in_order(pipeline):
     assert_applied_once_in_order()
     # The defaults came after 1 and 2; the copied rows moved the sequence past 301.
     assert query("source", "INSERT INTO employees (first_name) VALUES ('Next') RETURNING emp_id") == [(302,)]
+
+
+def test_a_large_batch_behind_many_kept_changes_is_not_read_along_the_primary_key(pipeline):
+    # Published changes stay in emp_cdc for CDC_RETENTION_HOURS. To fill the LIMIT of a
+    # large batch's first chunk, the planner chose to walk emp_cdc's primary key from
+    # its oldest row, through every change kept, where the batch's rows are the newest.
+    insert = ("INSERT INTO emp_cdc (emp_id, first_name, last_name, dob, city, salary, action) "
+              "SELECT g, 'F', 'L', '1990-01-01', 'C', g, 'UPDATE' FROM generate_series(1, %s) g")
+    with closing(connect("source")) as db, db.cursor() as cursor:
+        cursor.execute(insert, (300000,))  # kept, published long ago
+        cursor.execute("SELECT pg_current_snapshot()::text")
+        [(since,)] = cursor.fetchall()
+        cursor.execute(insert, (60000,))  # one large batch
+        cursor.execute("SELECT pg_current_snapshot()::text")
+        [(until,)] = cursor.fetchall()
+        cursor.execute("ANALYZE emp_cdc")
+        cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + producer.FETCH_FIRST,
+                       {"since": since, "in_progress": "{}", "until": until, "after": 0, "size": 2000})
+        [(plan,)] = cursor.fetchall()
+    text = json.dumps(plan)
+    assert "emp_cdc_pkey" not in text, text
+    # What it read: the batch's 60,000 rows, not the 300,000 before them.
+    assert plan[0]["Plan"]["Actual Rows"] == 2000
+    assert '"Index Name": "emp_cdc_txid"' in text
