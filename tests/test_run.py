@@ -4,7 +4,7 @@ employees.csv, and every good row of it reaches the destination."""
 import csv
 import subprocess
 
-from conftest import ROOT, employees, query
+from conftest import ROOT, query
 
 
 def run_sh(pipeline, log_dir, *args):
