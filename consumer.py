@@ -65,8 +65,8 @@ WHERE emp_id NOT IN (SELECT emp_id FROM cdc_applied WHERE last_action_id > %(act
 # lock table per batch, and an eighth consumer's batch failed "out of shared memory".)
 GATE = """
 INSERT INTO cdc_applied AS applied (emp_id, last_action_id, deleted)
-SELECT DISTINCT ON (emp_id) emp_id, action_id, action = 'DELETE'
-FROM json_to_recordset($1) AS change(action_id BIGINT, action TEXT, emp_id INT)
+SELECT DISTINCT ON (emp_id) emp_id, action_id, deleted
+FROM unnest($1::bigint[], $2::int[], $3::boolean[]) AS change(action_id, emp_id, deleted)
 WHERE action_id > COALESCE((SELECT action_id FROM cdc_truncated WHERE id = 1), 0)
 ORDER BY emp_id, action_id DESC
 ON CONFLICT (emp_id) DO UPDATE
@@ -101,7 +101,8 @@ ON CONFLICT (emp_id) DO UPDATE
 # GATE and WRITE are planned once per connection: for a batch of a few changes, the
 # planning took twice as long as the statements (one change: 1.2 ms for both planned
 # each time, 0.4 ms prepared).
-PREPARE_APPLY = f"PREPARE gate(json) AS {GATE}; PREPARE write(json) AS {WRITE}"
+PREPARE_APPLY = (f"PREPARE gate(bigint[], int[], boolean[]) AS {GATE}; "
+                 f"PREPARE write(json) AS {WRITE}")
 
 # The destination is out of reach, or not ready for us (schema missing, no privilege):
 # worth retrying. Any other database error is about the data and would fail again.
@@ -138,6 +139,11 @@ def parse_change(message):
     return change
 
 
+def array_literal(values):
+    """Numbers or booleans as the text of a PostgreSQL array."""
+    return "{" + ",".join(map(str, values)) + "}"
+
+
 def lock_employees(cursor, changes):
     """A batch with a TRUNCATE locks every employee before it is applied; GATE locks
     the employees of any other batch."""
@@ -156,7 +162,12 @@ def apply_changes(cursor, changes):
         return {}
     # PostgreSQL reads the changes as Python validated them, written anew, never the
     # bytes that came: those may hold fields, nesting or escapes it reads otherwise.
-    cursor.execute("EXECUTE gate(%s)", (json_array(rows),))
+    # GATE reads three fields of each, as array literals: for 2,000 changes it took
+    # 18 ms against 30 ms for their whole JSON, which the server read twice.
+    cursor.execute("EXECUTE gate(%s, %s, %s)", (
+        array_literal(change.action_id for change in rows),
+        array_literal(change.emp_id for change in rows),
+        array_literal("t" if change.action == "DELETE" else "f" for change in rows)))
     applied = dict(cursor.fetchall())
     passed = [change for change in rows if applied.get(change.emp_id) == change.action_id]
     if passed:
