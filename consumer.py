@@ -6,7 +6,9 @@ The apply is idempotent and order-safe: cdc_applied keeps, per employee, the new
 action_id applied, and an older or repeated change is skipped; a DELETE leaves a
 tombstone there. So a batch applied again after a crash or a rebalance, or the whole
 topic replayed, changes nothing. Kafka offsets move only after the destination
-committed, and after every rejected message is safely in the DLQ.
+committed, and after every rejected message is safely in the DLQ. Successive batches
+are applied side by side on APPLY_CONNECTIONS connections, the gate ordering any
+employee two of them hold, and acknowledged in the order consumed.
 
 A batch the destination fails (unreachable, connection lost) is retried with
 exponential backoff, reconnecting each time, and then sent to the DLQ; once the
@@ -16,9 +18,10 @@ is not a valid change, or that the destination refuses (value too long, constrai
 goes to the DLQ at once with the reason; the rest of its batch is applied.
 """
 
+import itertools
 import logging
 import time
-from collections import namedtuple
+from collections import deque, namedtuple
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import psycopg2
@@ -112,7 +115,8 @@ UNREACHABLE_NAMES = {name for name, error in vars(psycopg2.errors).items()
                      if isinstance(error, type) and issubclass(error, UNREACHABLE)}
 
 Rejected = namedtuple("Rejected", "message error error_class attempts")
-# A batch handed to the destination: `outcome` is the future of apply_with_retries().
+# A batch handed to the destination: `outcome` is the future of an applier's
+# apply_with_retries().
 InFlight = namedtuple("InFlight", "messages rejected outcome started")
 
 
@@ -179,163 +183,42 @@ def where(message):
     return f"{message.topic()} [{message.partition()}] at offset {message.offset()}"
 
 
-class CdcConsumer:
-    def __init__(self, settings, stop):
+class Applier:
+    """A connection to the destination and the thread that applies batches on it, one
+    at a time, in the order they are handed over."""
+
+    def __init__(self, settings, stop, number):
         self.settings = settings
         self.stop = stop
-        group = {"group.id": settings.group, "client.id": "cdc-consumer",
-                 "auto.offset.reset": "earliest",
-                 # Offsets are stored by hand once a batch is applied, and committed
-                 # in the background and on close: at-least-once.
-                 "enable.auto.commit": True, "enable.auto.offset.store": False,
-                 # Prefetch a few batches, not librdkafka's default 64 MB and 100,000
-                 # messages per partition: the destination is the slower side, and
-                 # memory stays small (a backlog's drain peaked at 119 MB with 8 MB
-                 # and the default count, 86 MB with these, at the same rate).
-                 "queued.max.messages.kbytes": 2048, "queued.min.messages": 2000,
-                 # A partition that becomes fetchable (at assignment, say) joins the
-                 # next fetch request, which the broker may hold this long when idle.
-                 "fetch.wait.max.ms": 100}
-        if settings.instance_id:
-            group["group.instance.id"] = settings.instance_id
-        self.kafka = Consumer(config.kafka_config(settings, **group))
-        self.dlq = self.new_dlq_producer()
         self.db = None  # connected on first use, so a destination that is down is retried
-        # The destination applies one batch while this thread consumes and decodes the
-        # next: the two took turns before, each idle half the time. One batch at a
-        # time, in the order consumed, so per-key order holds as it did.
-        self.applier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apply")
-        self.in_flight = None
-        # What an earlier run parked while the destination was out of reach may wait in
-        # the DLQ: looked for once the destination answers, after the first interval so
-        # that a start is not slowed by reading the DLQ.
-        self.redrive_due = settings.redrive_interval > 0
-        self.next_redrive = time.monotonic() + settings.redrive_interval  # of the next look
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"apply-{number}")
 
-    def new_dlq_producer(self):
-        return Producer(config.producer_config(self.settings, "cdc-consumer-dlq"))
+    def submit(self, batch):
+        """Starts applying the batch after those handed over before; returns the future
+        of what goes to the DLQ."""
+        return self.thread.submit(self.apply_with_retries, batch)
 
-    def run(self):
-        settings = self.settings
-        log.info("CDC Consumer started.")
-        log.info("Kafka broker: %s", settings.bootstrap_servers)
-        log.info("Consumer group: %s", settings.group)
-        log.info("Topic: %s", settings.topic)
-        log.info("DLQ Topic: %s", settings.dlq_topic)
-        log.info("Destination database: %s", config.database_name(settings, "dest"))
-        metrics.serve(settings.consumer_metrics_port)
+    def close(self):
+        self.thread.shutdown()
+        self.disconnect()
+
+    def reachable(self):
+        """Whether the destination answers, asked between batches."""
         try:
-            self.consume()
-        finally:
-            # On every way out, a ConfigError too: a client left to the interpreter's
-            # exit is destroyed with librdkafka's threads still running, which crashed
-            # the process (SIGSEGV) now and then instead of exiting 1.
-            self.applier.shutdown()
-            self.kafka.close()  # commits the offsets stored so far and leaves the group
+            if self.db is None:
+                self.connect()
+            with self.db.cursor() as cursor:
+                cursor.execute("SELECT 1")
+            self.db.rollback()
+            return True
+        except UNREACHABLE:
             self.disconnect()
-        log.info("CDC Consumer stopped.")
-
-    def consume(self):
-        settings = self.settings
-        config.check_topics(self.kafka, settings, [settings.topic, settings.dlq_topic], self.stop)
-        self.kafka.subscribe([settings.topic], on_assign=self.on_assign, on_revoke=self.on_revoke)
-        log.info("Subscribed to topics: %s", [settings.topic])
-        failures = 0
-        while not self.stop.requested or self.in_flight is not None:
-            try:
-                self.work()
-                failures = 0
-            except BatchAbandoned:
-                log.info("Batch abandoned; it will be consumed again on the next start.")
-            except config.ConfigError:
-                raise
-            except config.FatalKafkaError as error:
-                failures += 1
-                log.error("DLQ producer failed for good (%s); the batch is consumed again "
-                          "with a new one", error)
-                self.dlq = self.new_dlq_producer()
-                self.stop.sleep(config.backoff_delay(settings, failures))
-            except Exception as error:
-                failures += 1
-                metrics.error("consumer", error)
-                log.exception("Unexpected error; the batch will be consumed again")
-                self.stop.sleep(config.backoff_delay(settings, failures))
-
-    def on_assign(self, consumer, partitions):
-        log.info("Assigned partitions: %s", sorted(p.partition for p in partitions))
-
-    def on_revoke(self, consumer, partitions):
-        log.info("Revoked partitions: %s", sorted(p.partition for p in partitions))
-        # The new owner starts once the batch in hand is written, not beside it.
-        if self.in_flight is not None:
-            wait([self.in_flight.outcome])
-
-    def work(self):
-        """Consumes and decodes a batch, if one comes within a second, while the one
-        before is applied; acknowledges that one, and hands this one to the destination."""
-        if self.redrive_due and not self.stop.requested and time.monotonic() >= self.next_redrive:
-            self.finish_in_flight()
-            self.redrive()
-        if self.stop.requested:
-            messages = []
-        else:
-            # With a batch in flight, only what is already fetched: it is acknowledged
-            # as soon as it is applied, whether more changes come or not.
-            messages = self.poll_batch(0 if self.in_flight else 1.0)
-        batch, rejected = self.decode(messages)
-        self.finish_in_flight(consumed_since=messages)
-        if messages:
-            self.in_flight = InFlight(messages, rejected, self.applier.submit(self.apply_with_retries, batch),
-                                      time.monotonic())
-
-    def finish_in_flight(self, consumed_since=()):
-        """Acknowledges the batch in flight once applied: its rejects parked in the DLQ,
-        then its offsets stored. If it fails, consumption goes back to its start, and
-        what was consumed since comes again after it."""
-        in_flight, self.in_flight = self.in_flight, None
-        if in_flight is None:
-            return
-        try:
-            rejected = in_flight.rejected + in_flight.outcome.result()
-            self.send_to_dlq(rejected)
-        except BaseException:
-            self.rewind(in_flight.messages + list(consumed_since))
-            raise
-        self.store_offsets(in_flight.messages)
-        metrics.batch_done("consumer", len(in_flight.messages), in_flight.started)
-        metrics.set_lag(in_flight.messages)
-        log.info("Successfully processed %d messages (%d sent to DLQ).", len(in_flight.messages), len(rejected))
-
-    def poll_batch(self, timeout):
-        first = self.kafka.poll(timeout)
-        if first is None:
-            return []
-        messages = [first]
-        if self.settings.batch_size > 1:
-            # What is already fetched joins the first message, without waiting for more.
-            messages += self.kafka.consume(self.settings.batch_size - 1, timeout=0)
-        for message in messages:
-            if message.error():
-                log.error("Kafka error: %s", message.error().str())
-        return [message for message in messages if not message.error()]
-
-    def decode(self, messages):
-        batch, rejected = [], []
-        for message in messages:
-            try:
-                batch.append((message, parse_change(message)))
-            except InvalidChange as error:
-                log.warning("Invalid message in %s: %s", where(message), error)
-                rejected.append(Rejected(message, str(error), "InvalidChange", 1))
-        for message, change in config.logged(log, batch):
-            log.info("Consuming: %s", change)
-            log.info("Message details: topic=%s, partition=%d, offset=%d",
-                     message.topic(), message.partition(), message.offset())
-        return batch, rejected
+            return False
 
     def apply_with_retries(self, batch):
         """Applies the batch, retrying while the destination is out of reach; returns
-        what goes to the DLQ. Nothing new is consumed meanwhile."""
+        what goes to the DLQ. The consumer takes no more batches than it has appliers
+        meanwhile."""
         attempts = self.settings.max_retries + 1
         for attempt in range(1, attempts + 1):
             try:
@@ -350,7 +233,6 @@ class CdcConsumer:
                 if attempt < attempts and self.stop.sleep(config.backoff_delay(self.settings, attempt)):
                     raise BatchAbandoned() from None
         log.error("Max retries exceeded. Sending to DLQ.")
-        self.redrive_due = self.settings.redrive_interval > 0
         return [Rejected(message, config.one_line(last_error), type(last_error).__name__, attempts)
                 for message, _ in batch]
 
@@ -417,6 +299,186 @@ class CdcConsumer:
                          change, change.emp_id)
             log.info("Successfully processed message: emp_id=%d, action=%s", change.emp_id, change.action)
 
+    def connect(self):
+        self.db = config.connect(self.settings, "dest", application_name="cdc-consumer")
+        with self.db.cursor() as cursor:
+            cursor.execute("SELECT to_regclass('employees'), to_regclass('cdc_applied'), "
+                           "to_regclass('cdc_truncated')")
+            if None in cursor.fetchone():
+                raise config.ConfigError(
+                    f"destination database {config.database_name(self.settings, 'dest')} has no "
+                    "employees, cdc_applied or cdc_truncated table (apply scripts/destination/init.sql)")
+            cursor.execute(PREPARE_APPLY)
+        self.db.commit()
+
+    def disconnect(self):
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+
+class CdcConsumer:
+    def __init__(self, settings, stop):
+        self.settings = settings
+        self.stop = stop
+        group = {"group.id": settings.group, "client.id": "cdc-consumer",
+                 "auto.offset.reset": "earliest",
+                 # Offsets are stored by hand once a batch is applied, and committed
+                 # in the background and on close: at-least-once.
+                 "enable.auto.commit": True, "enable.auto.offset.store": False,
+                 # Prefetch a few batches, not librdkafka's default 64 MB and 100,000
+                 # messages per partition: the destination is the slower side, and
+                 # memory stays small (a backlog's drain peaked at 119 MB with 8 MB
+                 # and the default count, 86 MB with these, at the same rate).
+                 "queued.max.messages.kbytes": 2048, "queued.min.messages": 2000,
+                 # A partition that becomes fetchable (at assignment, say) joins the
+                 # next fetch request, which the broker may hold this long when idle.
+                 "fetch.wait.max.ms": 100}
+        if settings.instance_id:
+            group["group.instance.id"] = settings.instance_id
+        self.kafka = Consumer(config.kafka_config(settings, **group))
+        self.dlq = self.new_dlq_producer()
+        # The destination applies batches while this thread consumes and decodes the
+        # next: the two took turns before, each idle half the time. The appliers take
+        # successive batches in turn, one each in flight, and the batches are
+        # acknowledged in the order consumed. Two batches holding changes of one
+        # employee are then applied side by side, as by two consumers after a
+        # rebalance, and GATE orders them the same way: the newest change wins, and
+        # the later transaction waits for the earlier one's lock.
+        self.appliers = [Applier(settings, stop, number) for number in range(settings.apply_connections)]
+        self.next_applier = itertools.cycle(self.appliers)
+        self.in_flight = deque()  # of InFlight, oldest first
+        # What an earlier run parked while the destination was out of reach may wait in
+        # the DLQ: looked for once the destination answers, after the first interval so
+        # that a start is not slowed by reading the DLQ.
+        self.redrive_due = settings.redrive_interval > 0
+        self.next_redrive = time.monotonic() + settings.redrive_interval  # of the next look
+
+    def new_dlq_producer(self):
+        return Producer(config.producer_config(self.settings, "cdc-consumer-dlq"))
+
+    def run(self):
+        settings = self.settings
+        log.info("CDC Consumer started.")
+        log.info("Kafka broker: %s", settings.bootstrap_servers)
+        log.info("Consumer group: %s", settings.group)
+        log.info("Topic: %s", settings.topic)
+        log.info("DLQ Topic: %s", settings.dlq_topic)
+        log.info("Destination database: %s", config.database_name(settings, "dest"))
+        metrics.serve(settings.consumer_metrics_port)
+        try:
+            self.consume()
+        finally:
+            # On every way out, a ConfigError too: a client left to the interpreter's
+            # exit is destroyed with librdkafka's threads still running, which crashed
+            # the process (SIGSEGV) now and then instead of exiting 1.
+            for applier in self.appliers:
+                applier.close()
+            self.kafka.close()  # commits the offsets stored so far and leaves the group
+        log.info("CDC Consumer stopped.")
+
+    def consume(self):
+        settings = self.settings
+        config.check_topics(self.kafka, settings, [settings.topic, settings.dlq_topic], self.stop)
+        self.kafka.subscribe([settings.topic], on_assign=self.on_assign, on_revoke=self.on_revoke)
+        log.info("Subscribed to topics: %s", [settings.topic])
+        failures = 0
+        while not self.stop.requested or self.in_flight:
+            try:
+                self.work()
+                failures = 0
+            except BatchAbandoned:
+                log.info("Batch abandoned; it will be consumed again on the next start.")
+            except config.ConfigError:
+                raise
+            except config.FatalKafkaError as error:
+                failures += 1
+                log.error("DLQ producer failed for good (%s); the batch is consumed again "
+                          "with a new one", error)
+                self.dlq = self.new_dlq_producer()
+                self.stop.sleep(config.backoff_delay(settings, failures))
+            except Exception as error:
+                failures += 1
+                metrics.error("consumer", error)
+                log.exception("Unexpected error; the batch will be consumed again")
+                self.stop.sleep(config.backoff_delay(settings, failures))
+
+    def on_assign(self, consumer, partitions):
+        log.info("Assigned partitions: %s", sorted(p.partition for p in partitions))
+
+    def on_revoke(self, consumer, partitions):
+        log.info("Revoked partitions: %s", sorted(p.partition for p in partitions))
+        # The new owner starts once the batches in hand are written, not beside them.
+        wait([in_flight.outcome for in_flight in self.in_flight])
+
+    def work(self):
+        """Consumes and decodes a batch, if one comes within a second, while those
+        before are applied; acknowledges those applied, and hands this one over."""
+        if self.redrive_due and not self.stop.requested and time.monotonic() >= self.next_redrive:
+            self.finish_in_flight()
+            self.redrive()
+        if self.stop.requested:
+            messages = []
+        else:
+            # With batches in flight, only what is already fetched: they are acknowledged
+            # as soon as they are applied, whether more changes come or not.
+            messages = self.poll_batch(0 if self.in_flight else 1.0)
+        batch, rejected = self.decode(messages)
+        self.finish_in_flight(keep=len(self.appliers) - 1 if messages else 0, consumed_since=messages)
+        if messages:
+            self.in_flight.append(InFlight(messages, rejected, next(self.next_applier).submit(batch),
+                                           time.monotonic()))
+
+    def finish_in_flight(self, keep=0, consumed_since=()):
+        """Acknowledges the batches in flight, oldest first, once applied: their rejects
+        parked in the DLQ, then their offsets stored; those already applied, and more
+        until at most `keep` remain. If one fails, consumption goes back to its start,
+        and what was consumed since (the batches after it too) comes again after it."""
+        while self.in_flight and (len(self.in_flight) > keep or self.in_flight[0].outcome.done()):
+            in_flight = self.in_flight.popleft()
+            try:
+                rejected = in_flight.rejected + in_flight.outcome.result()
+                self.send_to_dlq(rejected)
+            except BaseException:
+                later, self.in_flight = list(self.in_flight), deque()
+                wait([batch.outcome for batch in later])
+                self.rewind(in_flight.messages + [message for batch in later for message in batch.messages]
+                            + list(consumed_since))
+                raise
+            if any(item.error_class in UNREACHABLE_NAMES for item in rejected):
+                self.redrive_due = self.settings.redrive_interval > 0
+            self.store_offsets(in_flight.messages)
+            metrics.batch_done("consumer", len(in_flight.messages), in_flight.started)
+            metrics.set_lag(in_flight.messages)
+            log.info("Successfully processed %d messages (%d sent to DLQ).", len(in_flight.messages), len(rejected))
+
+    def poll_batch(self, timeout):
+        first = self.kafka.poll(timeout)
+        if first is None:
+            return []
+        messages = [first]
+        if self.settings.batch_size > 1:
+            # What is already fetched joins the first message, without waiting for more.
+            messages += self.kafka.consume(self.settings.batch_size - 1, timeout=0)
+        for message in messages:
+            if message.error():
+                log.error("Kafka error: %s", message.error().str())
+        return [message for message in messages if not message.error()]
+
+    def decode(self, messages):
+        batch, rejected = [], []
+        for message in messages:
+            try:
+                batch.append((message, parse_change(message)))
+            except InvalidChange as error:
+                log.warning("Invalid message in %s: %s", where(message), error)
+                rejected.append(Rejected(message, str(error), "InvalidChange", 1))
+        for message, change in config.logged(log, batch):
+            log.info("Consuming: %s", change)
+            log.info("Message details: topic=%s, partition=%d, offset=%d",
+                     message.topic(), message.partition(), message.offset())
+        return batch, rejected
+
     def send_to_dlq(self, rejected):
         """Parks the rejected messages in the DLQ, retrying until Kafka has them all."""
         if not rejected:
@@ -442,14 +504,7 @@ class CdcConsumer:
         """Once the destination answers again, replays to the main topic what was parked
         because it did not (content rejects stay for a person), and marks it replayed."""
         self.next_redrive = time.monotonic() + self.settings.redrive_interval
-        try:
-            if self.db is None:
-                self.connect()
-            with self.db.cursor() as cursor:
-                cursor.execute("SELECT 1")
-            self.db.rollback()
-        except UNREACHABLE:
-            self.disconnect()
+        if not self.appliers[0].reachable():
             return
         try:
             entries, replayed = replay.read_dlq(self.settings)
@@ -497,23 +552,6 @@ class CdcConsumer:
         for (topic, partition), offset in first_offsets.items():
             if (topic, partition) in assigned:
                 self.kafka.seek(TopicPartition(topic, partition, offset))
-
-    def connect(self):
-        self.db = config.connect(self.settings, "dest", application_name="cdc-consumer")
-        with self.db.cursor() as cursor:
-            cursor.execute("SELECT to_regclass('employees'), to_regclass('cdc_applied'), "
-                           "to_regclass('cdc_truncated')")
-            if None in cursor.fetchone():
-                raise config.ConfigError(
-                    f"destination database {config.database_name(self.settings, 'dest')} has no "
-                    "employees, cdc_applied or cdc_truncated table (apply scripts/destination/init.sql)")
-            cursor.execute(PREPARE_APPLY)
-        self.db.commit()
-
-    def disconnect(self):
-        if self.db is not None:
-            self.db.close()
-            self.db = None
 
 
 def main(argv):

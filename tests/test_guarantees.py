@@ -263,7 +263,9 @@ def test_a_million_changes_in_one_transaction(pipeline):
 def test_three_consumers_share_the_partitions_and_survive_a_kill(pipeline):
     pipeline.record_applied()
     pipeline.producer()
-    short_session = {"KAFKA_CONFIG": "session.timeout.ms=6000,heartbeat.interval.ms=500"}
+    # One connection each, so that the destination's backends tell the consumers apart.
+    short_session = {"KAFKA_CONFIG": "session.timeout.ms=6000,heartbeat.interval.ms=500",
+                     "APPLY_CONNECTIONS": "1"}
     consumers = [pipeline.start("consumer.py", f"consumer-{n}", **short_session) for n in range(3)]
 
     def each_has_one_partition():
@@ -280,6 +282,25 @@ def test_three_consumers_share_the_partitions_and_survive_a_kill(pipeline):
     assert appliers == 3, f"{appliers} of the 3 consumers applied changes"
     assert_every_change_published(pipeline, exactly_once=True)
     assert_applied_once_in_order()
+
+
+def test_two_appliers_on_a_few_hot_keys_keep_each_employees_order(pipeline):
+    """Batches of three changes of five employees, taken in turn by the consumer's two
+    connections: successive batches change the same employees side by side, and the
+    version gate must still apply each employee's changes in order, none twice."""
+    pipeline.record_applied()
+    pipeline.producer()
+    consumer = pipeline.consumer(BATCH_SIZE="3", APPLY_CONNECTIONS="2")
+    with Writers(threads=8, keys=5, seed=SEED, max_transactions=100) as writers:
+        writers.wait()
+    assert writers.committed > 500
+    pipeline.wait_for_equal()
+    [(appliers,)] = query("dest", "SELECT count(DISTINCT backend_pid) FROM applied_history")
+    assert appliers == 2, f"{appliers} connections applied changes; the test needs both"
+    assert_every_change_published(pipeline, exactly_once=True)
+    assert_applied_once_in_order()
+    assert pipeline.messages(pipeline.dlq_topic) == []
+    assert "Error" not in consumer.log()
 
 
 def test_a_second_producer_waits_then_takes_over(pipeline):
