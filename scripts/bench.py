@@ -19,6 +19,9 @@ producer.py and consumer.py, all removed at the end. It prints one table:
                     along: latency per minute
   drain             a backlog committed while the daemons are stopped, then started:
                     changes per second until the destination equals the source
+  snapshot          `admin.py snapshot` of rows that predate capture, with 8 writers
+                    changing them at 1,000/s and the daemons streaming: how long the
+                    copy took, and when the destination equalled the source
   memory            the peak RSS of each daemon over all of the above
 
   .venv/bin/python scripts/bench.py            # the full run, about 20 minutes
@@ -53,17 +56,18 @@ CREATE TABLE employees (emp_id INT PRIMARY KEY, first_name VARCHAR(100), last_na
 FILL = ("INSERT INTO employees SELECT g, 'First' || g, 'Last', DATE '1990-01-01' + mod(g, 9000), "
         "'City', g FROM generate_series(1, %s) g")
 TOTALS = "SELECT count(*), COALESCE(sum(salary), 0) FROM employees"
-PARTS = ["single_statements", "source_cost", "latency_under_load", "long_transaction", "drain"]
+PARTS = ["single_statements", "source_cost", "latency_under_load", "long_transaction", "drain",
+         "snapshot"]
 BACKLOG_CHUNK = 10000  # rows per transaction of the backlog
 
 # What each part does, in full and with --quick.
 SIZES = {
     False: SimpleNamespace(changes=100000, samples=50, pgbench_seconds=15, rate=1000,
                            load_seconds=60, max_seconds=30, long_minutes=10, minute=60,
-                           backlog=1_000_000),
+                           backlog=1_000_000, snapshot_rows=1_000_000),
     True: SimpleNamespace(changes=2000, samples=10, pgbench_seconds=1, rate=1000,
                           load_seconds=2, max_seconds=2, long_minutes=2, minute=2,
-                          backlog=20000),
+                          backlog=20000, snapshot_rows=20000),
 }
 
 
@@ -281,6 +285,28 @@ class Bench:
         dest.execute("ALTER TABLE employees ENABLE TRIGGER bench_note_applied")
         self.row("drain", f"{size.backlog:,} changes committed with the daemons stopped",
                  f"{rate:,.0f} changes/s from the daemons' start until the destination was equal")
+
+    def snapshot(self, source, dest):
+        size = self.size
+        self.stop_daemons()
+        # Rows that predate capture: written with the triggers off (replica role), after
+        # a TRUNCATE that is captured, so the destination empties and gets none of them.
+        source.execute("TRUNCATE employees")
+        source.execute("SET session_replication_role = replica")
+        source.execute(FILL, (size.snapshot_rows,))
+        source.execute("RESET session_replication_role")
+        self.start_daemons()
+        wait_for(dest, "SELECT count(*) FROM employees", 0, 60)
+        with SteadyLoad(lambda: connect(self.bench, "source"), size.snapshot_rows, size.rate, 8):
+            started = time.monotonic()
+            subprocess.run([sys.executable, str(ROOT / "admin.py"), "snapshot"], env=self.env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+            copied = time.monotonic()
+        equal = wait_for_equal(source, dest, 1800)
+        self.row("snapshot", f"{size.snapshot_rows:,} rows that predate capture, 8 writers at "
+                             f"{size.rate:,}/s during the copy",
+                 f"copied in {copied - started:.1f} s; destination equal {equal - started:.1f} s "
+                 f"after the start")
 
     def print_table(self):
         widths = [max(len(row[column]) for row in self.rows) for column in (0, 1)]

@@ -18,6 +18,8 @@ ROWS = [r"single row +10 inserts one at a time.*median [\d.]+ ms, p95 [\d.]+ ms"
         r"long transaction +1,000/s with an xid open, minute 1 .*p50 [\d.]+",
         r"long transaction +1,000/s with an xid open, minute 2 .*p50 [\d.]+",
         r"drain +20,000 changes committed with the daemons stopped +[\d,]+ changes/s",
+        r"snapshot +20,000 rows that predate capture, 8 writers at 1,000/s during the copy +"
+        r"copied in [\d.]+ s; destination equal [\d.]+ s after the start",
         r"memory +peak RSS of each daemon.*producer \d+ MB, consumer \d+ MB"]
 
 
