@@ -68,7 +68,7 @@ SET next_emp_id = COALESCE(bound.high + 1, snapshot.next_emp_id),
     finished_at = CASE WHEN bound.high IS NULL THEN now() END
 FROM bound
 WHERE snapshot.id = 1
-RETURNING snapshot.rows_copied, snapshot.finished_at IS NOT NULL, pg_notify('emp_cdc', '')
+RETURNING snapshot.rows_copied, snapshot.finished_at IS NOT NULL
 """
 
 
@@ -125,7 +125,7 @@ def _copy_chunk(db, cursor, chunk, progress):
     """Copies one chunk and commits; returns whether the snapshot is finished."""
     try:
         cursor.execute(COPY_CHUNK, {"chunk": chunk})
-        rows_copied, finished, _ = cursor.fetchone()
+        rows_copied, finished = cursor.fetchone()
         db.commit()
     except psycopg2.errors.DeadlockDetected:
         # A writer locking rows in another order than emp_id's; the chunk is taken again.

@@ -155,5 +155,4 @@ def _repair(source, keys):
         cursor.execute("BEGIN")
         cursor.execute(REEMIT_PRESENT, {"keys": keys})
         cursor.execute(REEMIT_ABSENT, {"keys": keys})
-        cursor.execute("SELECT pg_notify('emp_cdc', '')")
         cursor.execute("COMMIT")
