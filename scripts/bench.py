@@ -65,9 +65,9 @@ SIZES = {
     False: SimpleNamespace(changes=100000, samples=50, pgbench_seconds=15, rate=1000,
                            load_seconds=60, max_seconds=30, long_minutes=10, minute=60,
                            backlog=1_000_000, snapshot_rows=1_000_000),
-    True: SimpleNamespace(changes=2000, samples=10, pgbench_seconds=1, rate=1000,
-                          load_seconds=2, max_seconds=2, long_minutes=2, minute=2,
-                          backlog=20000, snapshot_rows=20000),
+    True: SimpleNamespace(changes=1000, samples=5, pgbench_seconds=1, rate=1000,
+                          load_seconds=1, max_seconds=1, long_minutes=2, minute=1,
+                          backlog=5000, snapshot_rows=5000),
 }
 
 
