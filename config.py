@@ -94,8 +94,7 @@ SETTINGS = [
             "consumer: retries of a batch the destination failed, before the DLQ", "consumer", int, 0),
     Setting("apply_connections", "APPLY_CONNECTIONS", 2,
             "consumer: connections to the destination that apply successive batches side "
-            "by side",
-            "consumer", int, 1),
+            "by side", "consumer", int, 1),
     Setting("consumer_metrics_port", "CONSUMER_METRICS_PORT", 0,
             "consumer: port of its Prometheus metrics at /metrics (0: not served)",
             "consumer", int, 0),
