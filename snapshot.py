@@ -73,7 +73,12 @@ RETURNING snapshot.rows_copied, snapshot.finished_at IS NOT NULL
 
 
 def run(settings):
-    db = config.connect(settings, "source", application_name="cdc-snapshot")
+    # Each chunk finds its rows through the primary key, whatever the statistics say.
+    # On a table filled since its last ANALYZE (restored, bulk-loaded), which a role that
+    # does not own it cannot ANALYZE, the planner thinks it nearly empty and read all of
+    # it for every chunk: 1,000,000 rows took 44 s to copy instead of 10.
+    db = config.connect(settings, "source", application_name="cdc-snapshot",
+                        options="-c enable_seqscan=off")
     try:
         with db.cursor() as cursor:
             _take_lock(cursor)
