@@ -193,10 +193,10 @@ class Applier:
         self.db = None  # connected on first use, so a destination that is down is retried
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"apply-{number}")
 
-    def submit(self, batch):
+    def submit(self, batch, shown):
         """Starts applying the batch after those handed over before; returns the future
-        of what goes to the DLQ."""
-        return self.thread.submit(self.apply_with_retries, batch)
+        of what goes to the DLQ. Its first `shown` changes get a line each."""
+        return self.thread.submit(self.apply_with_retries, batch, shown)
 
     def close(self):
         self.thread.shutdown()
@@ -215,14 +215,14 @@ class Applier:
             self.disconnect()
             return False
 
-    def apply_with_retries(self, batch):
+    def apply_with_retries(self, batch, shown):
         """Applies the batch, retrying while the destination is out of reach; returns
         what goes to the DLQ. The consumer takes no more batches than it has appliers
         meanwhile."""
         attempts = self.settings.max_retries + 1
         for attempt in range(1, attempts + 1):
             try:
-                return self.apply(batch)
+                return self.apply(batch, shown)
             except UNREACHABLE as error:
                 last_error = error
                 metrics.error("consumer", error)
@@ -236,7 +236,7 @@ class Applier:
         return [Rejected(message, config.one_line(last_error), type(last_error).__name__, attempts)
                 for message, _ in batch]
 
-    def apply(self, batch):
+    def apply(self, batch, shown):
         if not batch:
             return []
         if self.db is None:
@@ -248,11 +248,11 @@ class Applier:
             raise
         except psycopg2.Error:
             self.db.rollback()
-            return self.apply_one_by_one(batch)
-        self.log_applied(batch, applied)
+            return self.apply_one_by_one(batch, shown)
+        self.log_applied(batch, applied, batch[:shown])
         return []
 
-    def apply_one_by_one(self, batch):
+    def apply_one_by_one(self, batch, shown):
         """After bad data failed the batch: each change under a savepoint, so that the
         good ones commit and the bad ones are returned for the DLQ. In emp_id order,
         each employee's changes in the batch's order: each GATE locks its employee, and
@@ -276,7 +276,8 @@ class Applier:
                                 config.one_line(error))
                     rejected.append(Rejected(message, config.one_line(error), type(error).__name__, 1))
         self.db.commit()
-        self.log_applied(good, applied)
+        shown_messages = {id(message) for message, _ in batch[:shown]}
+        self.log_applied(good, applied, [item for item in good if id(item[0]) in shown_messages])
         return rejected
 
     def execute_apply(self, batch):
@@ -285,9 +286,9 @@ class Applier:
             lock_employees(cursor, changes)
             return apply_changes(cursor, changes)
 
-    def log_applied(self, batch, applied):
+    def log_applied(self, batch, applied, shown):
         metrics.applied_or_skipped(batch, applied)
-        for _, change in config.logged(log, batch):
+        for _, change in shown:
             if change.action == TRUNCATE:
                 log.info("TRUNCATE operation completed: every row not changed since is deleted "
                          "(%s)", change)
@@ -348,6 +349,7 @@ class CdcConsumer:
         self.appliers = [Applier(settings, stop, number) for number in range(settings.apply_connections)]
         self.next_applier = itertools.cycle(self.appliers)
         self.in_flight = deque()  # of InFlight, oldest first
+        self.record_lines = config.RecordLines(log)
         # What an earlier run parked while the destination was out of reach may wait in
         # the DLQ: looked for once the destination answers, after the first interval so
         # that a start is not slowed by reading the DLQ.
@@ -423,10 +425,10 @@ class CdcConsumer:
             # With batches in flight, only what is already fetched: they are acknowledged
             # as soon as they are applied, whether more changes come or not.
             messages = self.poll_batch(0 if self.in_flight else 1.0)
-        batch, rejected = self.decode(messages)
+        batch, rejected, shown = self.decode(messages)
         self.finish_in_flight(keep=len(self.appliers) - 1 if messages else 0, consumed_since=messages)
         if messages:
-            self.in_flight.append(InFlight(messages, rejected, next(self.next_applier).submit(batch),
+            self.in_flight.append(InFlight(messages, rejected, next(self.next_applier).submit(batch, shown),
                                            time.monotonic()))
 
     def finish_in_flight(self, keep=0, consumed_since=()):
@@ -473,11 +475,12 @@ class CdcConsumer:
             except InvalidChange as error:
                 log.warning("Invalid message in %s: %s", where(message), error)
                 rejected.append(Rejected(message, str(error), "InvalidChange", 1))
-        for message, change in config.logged(log, batch):
+        shown = self.record_lines.shown(batch)
+        for message, change in shown:
             log.info("Consuming: %s", change)
             log.info("Message details: topic=%s, partition=%d, offset=%d",
                      message.topic(), message.partition(), message.offset())
-        return batch, rejected
+        return batch, rejected, len(shown)
 
     def send_to_dlq(self, rejected):
         """Parks the rejected messages in the DLQ, retrying until Kafka has them all."""

@@ -144,6 +144,7 @@ class CdcProducer:
         self.next_purge = 0  # time.monotonic() of the next purge of emp_cdc
         self.forget_unsaved()
         self.saved_at = 0.0  # time.monotonic() of the last save of the watermark
+        self.record_lines = config.RecordLines(log)
 
     def forget_unsaved(self):
         """What was published since the watermark was last saved: everything
@@ -357,7 +358,7 @@ class CdcProducer:
             except InvalidChange as error:
                 parked.append(self.dlq_message(row, error))
         by_value = {change.to_json(): change for change in changes}
-        shown = dict(config.logged(log, list(by_value.items())))
+        shown = dict(self.record_lines.shown(list(by_value.items())))
         for change in shown.values():
             log.info("Published CDC record: %s", change)
 

@@ -1,14 +1,18 @@
 """The seed README's verification steps, end to end on the real stack."""
 
 import json
+import re
 import subprocess
 import sys
 import time
+from collections import Counter
+from contextlib import closing
 
 from confluent_kafka.admin import AdminClient
 
-from conftest import (KAFKA, PORTS, ROOT, employees, published_action_ids, query, stack,
-                      wait_until)
+import config
+from conftest import (KAFKA, PORTS, ROOT, connect, employees, published_action_ids, query,
+                      stack, wait_until)
 
 SEED_ROWS = [(200, "David", "Wilson", "1991-01-01", "Miami", 65000),
              (201, "Emma", "Davis", "1993-02-02", "Denver", 70000),
@@ -116,6 +120,26 @@ def test_step6_producer_restart_resumes_without_republishing(pipeline):
     pipeline.wait_for_equal()
     restarted.wait_for_log("Published CDC record: action_id=4, emp_id=102, action=INSERT")
     assert sorted(published_action_ids(pipeline)) == [1, 2, 3, 4]
+
+
+def test_many_small_transactions_log_at_most_100_records_a_second(pipeline):
+    producer, consumer = pipeline.producer(), pipeline.consumer()
+    with closing(connect("source")) as db, db.cursor() as cursor:
+        db.autocommit = True
+        for emp_id in range(1, 1501):
+            cursor.execute("INSERT INTO employees (emp_id, first_name, salary) VALUES (%s, 'Quick', 1)",
+                           (emp_id,))
+    pipeline.wait_for_equal()
+    wait_until(lambda: sum(map(int, re.findall(r"Successfully processed (\d+) messages",
+                                               consumer.log()))) == 1500,
+               30, "the consumer to report 1,500 changes processed", pipeline.daemons)
+    for daemon, line in ((producer, "Published CDC record: "), (consumer, "Consuming: "),
+                         (consumer, " operation completed for emp_id=")):
+        # A log line starts with its time to the second; RecordLines counts by seconds of
+        # time.monotonic(), so one clock second may hold parts of two of its seconds.
+        per_second = Counter(entry[:19] for entry in daemon.log().splitlines() if line in entry)
+        assert 0 < sum(per_second.values()) < 1500, (line, per_second)
+        assert max(per_second.values()) <= 2 * config.RECORD_LINES_PER_SECOND, (line, per_second)
 
 
 def test_consumer_restart_loses_nothing(pipeline):
