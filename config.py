@@ -83,7 +83,7 @@ SETTINGS = [
             "transaction in the consumer", "daemon", int, 1),
     Setting("poll_interval", "POLL_INTERVAL", 0.1,
             "producer: longest wait in seconds between looks at emp_cdc for commits "
-            "(1 ms while changes flow, growing while idle up to this)", "producer", float, 0.001),
+            "(1 ms after an empty look, growing while idle up to this)", "producer", float, 0.001),
     Setting("producer_metrics_port", "PRODUCER_METRICS_PORT", 0,
             "producer: port of its Prometheus metrics at /metrics (0: not served)",
             "producer", int, 0),
