@@ -26,7 +26,9 @@ BIGINT_MAX = 2**63 - 1
 
 # PostgreSQL prints dates as YYYY-MM-DD (DateStyle ISO), with more year digits after
 # 9999, " BC" before year 1, and the special values infinity and -infinity.
-_DATE = re.compile(r"(\d{4,})-(\d{2})-(\d{2})( BC)?")
+# [0-9], not \d: \d and date.fromisoformat() read any script's digits ("\u0661\u0669\u0669\u0660"
+# is 1990 to them), and PostgreSQL refuses them.
+_DATE = re.compile(r"([0-9]{4,})-([0-9]{2})-([0-9]{2})( BC)?")
 SHOWN_MAX = 80  # characters of a bad value an error shows: a hostile one may be megabytes
 
 
@@ -105,7 +107,7 @@ def _check_date(field, value):
         return
     if not isinstance(value, str):
         raise InvalidChange(f"{field}: expected an ISO date string or null, got {_shown(value)}")
-    if len(value) == 10 and value[4] == value[7] == "-":
+    if len(value) == 10 and value[4] == value[7] == "-" and value.isascii():
         try:
             date.fromisoformat(value)  # the common case, checked at C speed
             return

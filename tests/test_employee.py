@@ -32,7 +32,10 @@ def test_dates_postgresql_can_hold_are_accepted(dob):
 
 
 @pytest.mark.parametrize("dob", ["2023-02-30", "1900-02-29", "2023-13-01", "0000-01-01", "2023-1-1",
-                                 "2021-W01-1", "20230101", "yesterday"])
+                                 "2021-W01-1", "20230101", "yesterday",
+                                 # digits Python reads and PostgreSQL does not: Arabic-Indic, fullwidth
+                                 "\u0661\u0669\u0669\u0660-\u0660\u0661-\u0660\u0661", "1990-01-0\uff11",
+                                 "\u0661\u0669\u0669\u0660\u0660-01-01"])
 def test_impossible_dates_are_named(dob):
     with pytest.raises(InvalidChange, match=r"^dob: "):
         Change.from_json(as_json(dob=dob))

@@ -35,6 +35,10 @@ HOSTILE = {
                     "first_name: 900000 characters, longer than the column's 100"),
     "huge_bad_date": (b"9011", encoded(change(9011, dob="9" * 900_000)),
                       "is not a date in YYYY-MM-DD form"),
+    # Digits that Python's date parser and a regular expression's \d read, and
+    # PostgreSQL does not.
+    "arabic_indic_digits_in_date": (b"9014", encoded(change(9014, dob="\u0661\u0669\u0669\u0660-01-01")),
+                                    "is not a date in YYYY-MM-DD form"),
     "nul_character": (b"9012", encoded(change(9012, city="a\u0000b")),
                       "city: contains the character U+0000"),
     "lone_surrogate": (b"9013", with_raw(9013, "last_name", '"a\\ud800b"'),
