@@ -29,6 +29,8 @@ BIGINT_MAX = 2**63 - 1
 # [0-9], not \d: \d and date.fromisoformat() read any script's digits ("\u0661\u0669\u0669\u0660"
 # is 1990 to them), and PostgreSQL refuses them.
 _DATE = re.compile(r"([0-9]{4,})-([0-9]{2})-([0-9]{2})( BC)?")
+# PostgreSQL's first and last date, as (year, month, day), 4714 BC being year -4713
+DATE_MIN, DATE_MAX = (-4713, 11, 24), (5874897, 12, 31)
 SHOWN_MAX = 80  # characters of a bad value an error shows: a hostile one may be megabytes
 
 
@@ -121,6 +123,8 @@ def _check_date(field, value):
     leap = calendar.isleap(1 - year if match[4] else year)
     if year == 0 or not 1 <= month <= 12 or not 1 <= day <= calendar.mdays[month] + (month == 2 and leap):
         raise InvalidChange(f"{field}: {value!r} is not a valid date")
+    if not DATE_MIN <= (1 - year if match[4] else year, month, day) <= DATE_MAX:
+        raise InvalidChange(f"{field}: {value!r} is out of range (4714-11-24 BC to 5874897-12-31)")
 
 
 @dataclass(slots=True)

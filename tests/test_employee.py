@@ -26,7 +26,8 @@ def test_row_to_json_and_back():
 
 
 @pytest.mark.parametrize("dob", ["0001-01-01", "9999-12-31", "2000-02-29", "infinity", "-infinity",
-                                 "0044-03-15 BC", "0001-02-29 BC", "5874897-12-31", None])
+                                 "0044-03-15 BC", "0001-02-29 BC", "5874897-12-31", "4714-11-24 BC",
+                                 None])
 def test_dates_postgresql_can_hold_are_accepted(dob):
     assert Change.from_json(as_json(dob=dob)).employee.dob == dob
 
@@ -35,7 +36,9 @@ def test_dates_postgresql_can_hold_are_accepted(dob):
                                  "2021-W01-1", "20230101", "yesterday",
                                  # digits Python reads and PostgreSQL does not: Arabic-Indic, fullwidth
                                  "\u0661\u0669\u0669\u0660-\u0660\u0661-\u0660\u0661", "1990-01-0\uff11",
-                                 "\u0661\u0669\u0669\u0660\u0660-01-01"])
+                                 "\u0661\u0669\u0669\u0660\u0660-01-01",
+                                 # past PostgreSQL's range
+                                 "5874898-01-01", "4714-11-23 BC", "99999999999-01-01"])
 def test_impossible_dates_are_named(dob):
     with pytest.raises(InvalidChange, match=r"^dob: "):
         Change.from_json(as_json(dob=dob))
