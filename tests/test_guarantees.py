@@ -11,8 +11,12 @@ import re
 import signal
 import time
 from collections import defaultdict
+from contextlib import closing
 
-from conftest import (ROOT, assert_applied_once_in_order, employees, published_action_ids,
+import psycopg2
+import pytest
+
+from conftest import (ROOT, assert_applied_once_in_order, connect, employees, published_action_ids,
                       query, stack, wait_until)
 from workload import Writers
 
@@ -343,3 +347,57 @@ def test_sigterm_stops_both_daemons_cleanly_mid_stream(pipeline):
     # The batch resumed where the stop left it: nothing was published twice.
     assert sorted(published_action_ids(pipeline)) == list(range(1, 100001))
     assert employees("dest")[-1] == (100000, "F", "L", "1990-01-01", "C", 100000)
+
+
+def test_savepoints_merge_and_strict_isolation(pipeline):
+    """What a subtransaction rolled back, or a transaction that failed to serialize,
+    changed is never published; what MERGE and REPEATABLE READ writers commit is."""
+    pipeline.record_applied()
+    pipeline.producer()
+    pipeline.consumer()
+    query("source", "INSERT INTO employees SELECT g, 'F', 'L', '1990-01-01', 'C', g "
+                    "FROM generate_series(1, 10) g")
+    pipeline.wait_for_equal()
+    with closing(connect("source")) as writer, writer.cursor() as cursor:
+        cursor.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        cursor.execute("UPDATE employees SET salary = 100 WHERE emp_id = 1")
+        cursor.execute("SAVEPOINT undone")
+        cursor.execute("UPDATE employees SET salary = 999 WHERE emp_id = 1")
+        cursor.execute("DELETE FROM employees WHERE emp_id = 2")
+        cursor.execute("INSERT INTO employees VALUES (11, 'X', 'Undone', '1990-01-01', 'C', 999)")
+        cursor.execute("ROLLBACK TO SAVEPOINT undone")
+        cursor.execute("SAVEPOINT kept")
+        cursor.execute("UPDATE employees SET salary = 300 WHERE emp_id = 3")
+        cursor.execute("RELEASE SAVEPOINT kept")
+        cursor.execute("COMMIT")
+    # A PL/pgSQL block with an EXCEPTION clause runs in a subtransaction of its own.
+    query("source", """DO $$ BEGIN
+        BEGIN
+            INSERT INTO employees VALUES (12, 'X', 'Undone', '1990-01-01', 'C', 999);
+            UPDATE employees SET salary = 999 WHERE emp_id = 4;
+            RAISE EXCEPTION 'undo';
+        EXCEPTION WHEN raise_exception THEN NULL;
+        END;
+        UPDATE employees SET salary = 500 WHERE emp_id = 5;
+    END $$""")
+    query("source", "MERGE INTO employees e "
+                    "USING (VALUES (6, 600), (7, NULL), (13, 1300)) AS s (emp_id, salary) "
+                    "ON e.emp_id = s.emp_id "
+                    "WHEN MATCHED AND s.salary IS NULL THEN DELETE "
+                    "WHEN MATCHED THEN UPDATE SET salary = s.salary "
+                    "WHEN NOT MATCHED THEN INSERT VALUES (s.emp_id, 'M', 'Merged', '1990-01-01', 'C', s.salary)")
+    # A REPEATABLE READ writer whose row another transaction changed after its snapshot
+    # fails, and what it had changed before is rolled back with it.
+    with closing(connect("source")) as late, late.cursor() as cursor:
+        cursor.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        cursor.execute("UPDATE employees SET salary = 999 WHERE emp_id = 9")
+        query("source", "UPDATE employees SET salary = 800 WHERE emp_id = 8")
+        with pytest.raises(psycopg2.errors.SerializationFailure):
+            cursor.execute("UPDATE employees SET salary = 999 WHERE emp_id = 8")
+        cursor.execute("ROLLBACK")
+    rows = pipeline.wait_for_equal()
+    assert {row[0]: row[5] for row in rows} == {1: 100, 2: 2, 3: 300, 4: 4, 5: 500, 6: 600, 8: 800,
+                                                9: 9, 10: 10, 13: 1300}
+    assert_every_change_published(pipeline, exactly_once=True)
+    assert not [m for m in pipeline.messages() if b'"salary": 999' in m["value"]]
+    assert_applied_once_in_order()
