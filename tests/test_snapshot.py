@@ -7,7 +7,8 @@ import sys
 import time
 from contextlib import closing
 
-from conftest import ROOT, connect, query, wait_until
+from conftest import ROOT, TEST_DB, connect, query, wait_until
+from test_dlq import dlq_records
 from workload import Writers
 
 PREFILLED = 30000
@@ -104,3 +105,26 @@ def test_each_chunk_reads_its_own_rows_even_with_statistics_from_before_the_rows
     assert "Snapshot finished: 100,000 rows copied" in out
     after = query("source", "SELECT seq_tup_read FROM pg_stat_user_tables WHERE relname = 'employees'")
     assert after[0][0] - before[0][0] < 100000
+
+
+def test_databases_that_default_to_serializable(pipeline):
+    """Some shops make every transaction SERIALIZABLE by default. The snapshot and the
+    consumer's apply are reasoned at READ COMMITTED (a locked row is read as its writer
+    left it): under writers, the copy still finishes, ends equal, and nothing is parked."""
+    for side in ("source", "dest"):
+        query(side, f"ALTER DATABASE {TEST_DB} SET default_transaction_isolation = 'serializable'")
+    try:
+        prefill(10000)
+        pipeline.producer()
+        pipeline.consumer()
+        with Writers(threads=8, keys=3000) as writers:
+            copy = snapshot(pipeline, SNAPSHOT_CHUNK="500")
+            out, err = copy.communicate(timeout=120)
+            assert copy.returncode == 0, err
+            assert "Snapshot finished" in out
+        assert writers.committed > 0
+        pipeline.wait_for_equal(timeout=120)
+        assert dlq_records(pipeline) == []
+    finally:
+        for side in ("source", "dest"):
+            query(side, f"ALTER DATABASE {TEST_DB} RESET default_transaction_isolation")
