@@ -283,7 +283,10 @@ KEEPALIVE = {"keepalives": 1, "keepalives_idle": 20, "keepalives_interval": 5,
              "keepalives_count": 4, "tcp_user_timeout": 40000}
 SERVER_KEEPALIVE = ("-c tcp_keepalives_idle=20 -c tcp_keepalives_interval=5 "
                     "-c tcp_keepalives_count=4 -c tcp_user_timeout=40000")
-# Every connection reads and writes at READ COMMITTED, whatever the database's default:
+# Every connection speaks UTF-8 (client_encoding below), whatever the database or
+# PGCLIENTENCODING make the default: under LATIN1 the producer stopped at the first name
+# in another script ("has no equivalent in encoding LATIN1") and retried it for ever.
+# And every connection reads and writes at READ COMMITTED, whatever the database's default:
 # the snapshot reads a locked row as its writer left it, and the consumer's WRITE takes
 # its snapshot after GATE's waits, both only at that level. Under a SERIALIZABLE default
 # the snapshot stopped with "could not serialize access due to concurrent update" as
@@ -307,7 +310,8 @@ def connect(settings, side, options="", **parameters):
             host=getattr(settings, f"{side}_host"), port=getattr(settings, f"{side}_port"),
             user=getattr(settings, f"{side}_user"), password=getattr(settings, f"{side}_password"),
             dbname=getattr(settings, f"{side}_db"), sslmode=getattr(settings, f"{side}_sslmode"),
-            connect_timeout=5, options=f"{SERVER_KEEPALIVE} {READ_COMMITTED} {options}".strip(),
+            connect_timeout=5, client_encoding="UTF8",
+            options=f"{SERVER_KEEPALIVE} {READ_COMMITTED} {options}".strip(),
             **{key: path for key, path in tls_files.items() if path}, **KEEPALIVE, **parameters)
     except psycopg2.OperationalError as error:
         if not TLS_REFUSED.search(str(error)):

@@ -49,8 +49,10 @@ READER_ROLE = {"SOURCE_DB_USER": "cdc_reader", "SOURCE_DB_PASSWORD": "cdc_reader
 
 
 def connect(side, dbname=TEST_DB):
+    # UTF-8 whatever a test sets as the database's default encoding for clients
     connection = psycopg2.connect(host="localhost", port=PORTS[side], user="postgres",
-                                  password="postgres", dbname=dbname, connect_timeout=5)
+                                  password="postgres", dbname=dbname, connect_timeout=5,
+                                  client_encoding="UTF8")
     connection.autocommit = True
     return connection
 

@@ -16,8 +16,9 @@ from contextlib import closing
 import psycopg2
 import pytest
 
-from conftest import (ROOT, assert_applied_once_in_order, connect, employees, published_action_ids,
-                      query, stack, wait_until)
+from conftest import (ROOT, TEST_DB, assert_applied_once_in_order, connect, employees,
+                      published_action_ids, query, stack, wait_until)
+from test_dlq import dlq_records
 from workload import Writers
 
 SEED = int(os.environ.get("TEST_SEED", "20261125"))
@@ -401,3 +402,19 @@ def test_savepoints_merge_and_strict_isolation(pipeline):
     assert_every_change_published(pipeline, exactly_once=True)
     assert not [m for m in pipeline.messages() if b'"salary": 999' in m["value"]]
     assert_applied_once_in_order()
+
+
+def test_databases_whose_clients_default_to_latin1(pipeline):
+    """A database (or PGCLIENTENCODING) may set another client encoding than UTF-8; a
+    name that encoding cannot spell is published and applied like any other."""
+    for side in ("source", "dest"):
+        query(side, f"ALTER DATABASE {TEST_DB} SET client_encoding = 'LATIN1'")
+    try:
+        pipeline.producer()
+        pipeline.consumer()
+        query("source", "INSERT INTO employees VALUES (1, 'Zoë', '東京', '1990-01-01', 'Zürich', 1)")
+        pipeline.wait_for_equal()
+        assert dlq_records(pipeline) == []
+    finally:
+        for side in ("source", "dest"):
+            query(side, f"ALTER DATABASE {TEST_DB} RESET client_encoding")
