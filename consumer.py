@@ -303,6 +303,12 @@ class Applier:
     def connect(self):
         self.db = config.connect(self.settings, "dest", application_name="cdc-consumer")
         with self.db.cursor() as cursor:
+            # A batch's offsets are stored once its commit returns, so the commit must
+            # wait for the disk: with the destination's default synchronous_commit = off,
+            # a crash lost batches already acknowledged, and they never came again. Any
+            # other setting (local, remote_write, remote_apply) is the operator's choice.
+            cursor.execute("SELECT set_config('synchronous_commit', 'on', false) "
+                           "WHERE current_setting('synchronous_commit') = 'off'")
             cursor.execute("SELECT to_regclass('employees'), to_regclass('cdc_applied'), "
                            "to_regclass('cdc_truncated')")
             if None in cursor.fetchone():
