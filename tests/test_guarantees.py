@@ -207,6 +207,29 @@ def test_destination_crashes_mid_stream_with_asynchronous_commit_as_its_default(
     pipeline.wait_for_equal(120)
 
 
+def test_source_crashes_while_its_writers_commit_asynchronously(pipeline):
+    """With synchronous_commit = off, a transaction is visible before its commit is on
+    disk, and a crash of the source forgets it. The producer publishes only what the
+    source has flushed: the destination never holds a change the source forgot, and the
+    action_ids the source then numbers again are not skipped as already applied."""
+    query("source", f"ALTER DATABASE {TEST_DB} SET synchronous_commit = off")
+    pipeline.record_applied()
+    producer = pipeline.producer()
+    pipeline.consumer()
+    try:
+        with Writers(threads=4, keys=100000, seed=SEED) as writers:
+            wait_until(lambda: writers.committed > 2000, 60, "2,000 transactions to commit")
+            stop_immediately("source")
+            assert stack("up", "source").returncode == 0
+            time.sleep(2)
+    finally:
+        stack("up", "source")
+        query("source", f"ALTER DATABASE {TEST_DB} RESET synchronous_commit")
+    pipeline.wait_for_equal(120)
+    assert producer.running()
+    assert_applied_once_in_order()
+
+
 def test_replay_from_offset_zero_changes_nothing(pipeline):
     pipeline.producer()
     pipeline.consumer()
