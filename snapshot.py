@@ -132,8 +132,9 @@ def _copy_chunk(db, cursor, chunk, progress):
         cursor.execute(COPY_CHUNK, {"chunk": chunk})
         rows_copied, finished = cursor.fetchone()
         db.commit()
-    except psycopg2.errors.DeadlockDetected:
-        # A writer locking rows in another order than emp_id's; the chunk is taken again.
+    except (psycopg2.errors.DeadlockDetected, psycopg2.errors.LockNotAvailable):
+        # A writer locking rows in another order than emp_id's, or a writer holding a
+        # row past a lock_timeout the database or role sets: the chunk is taken again.
         db.rollback()
         return False
     progress.show(rows_copied)

@@ -78,6 +78,24 @@ def test_a_row_being_changed_is_copied_after_the_change(pipeline):
     pipeline.wait_for_equal()
 
 
+def test_a_lock_timeout_of_the_database_makes_the_snapshot_wait_not_stop(pipeline):
+    prefill(10)
+    query("source", f"ALTER DATABASE {TEST_DB} SET lock_timeout = '100ms'")
+    try:
+        with closing(connect("source")) as writer, writer.cursor() as cursor:
+            cursor.execute("BEGIN")
+            cursor.execute("UPDATE employees SET salary = -1 WHERE emp_id = 5")
+            taking = snapshot(pipeline)
+            time.sleep(1.5)
+            assert taking.poll() is None, taking.communicate()
+            cursor.execute("COMMIT")
+            out, err = taking.communicate(timeout=30)
+    finally:
+        query("source", f"ALTER DATABASE {TEST_DB} RESET lock_timeout")
+    assert taking.returncode == 0, err
+    assert "Snapshot finished: 10 rows copied into emp_cdc" in out
+
+
 def test_a_finished_snapshot_is_not_taken_again_unless_restarted(pipeline):
     prefill(3)
     taking = snapshot(pipeline)
