@@ -41,7 +41,8 @@ FROM cdc_snapshot WHERE id = 1
 # every UPDATE and DELETE (FOR KEY SHARE would let an UPDATE of other columns by).
 # A row whose emp_id a writer moves out of the range is skipped here; the trigger
 # logged it under its new emp_id. nextval() runs after the lock is held, so the copy's
-# action_id is above that of the writer it waited for.
+# action_id is above that of the writer it waited for. The next chunk starts past `high`
+# as a bigint: after emp_id 2147483647, an int's + 1 overflowed.
 COPY_CHUNK = """
 WITH bound AS (
     SELECT next_emp_id AS low,
@@ -63,7 +64,7 @@ copied AS (
     RETURNING emp_id
 )
 UPDATE cdc_snapshot AS snapshot
-SET next_emp_id = COALESCE(bound.high + 1, snapshot.next_emp_id),
+SET next_emp_id = COALESCE(bound.high::bigint + 1, snapshot.next_emp_id),
     rows_copied = snapshot.rows_copied + (SELECT count(*) FROM copied),
     finished_at = CASE WHEN bound.high IS NULL THEN now() END
 FROM bound

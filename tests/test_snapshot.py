@@ -96,6 +96,19 @@ def test_a_lock_timeout_of_the_database_makes_the_snapshot_wait_not_stop(pipelin
     assert "Snapshot finished: 10 rows copied into emp_cdc" in out
 
 
+def test_chunks_that_end_on_the_smallest_and_largest_emp_id(pipeline):
+    query("source", "SET session_replication_role = replica; "
+                    "INSERT INTO employees SELECT g, 'Edge', 'Row', '1980-01-01', 'Oslo', 1 "
+                    "FROM unnest(ARRAY[-2147483648, 0, 2147483647]) g")
+    taking = snapshot(pipeline, SNAPSHOT_CHUNK="1")
+    out, err = taking.communicate(timeout=30)
+    assert taking.returncode == 0, err
+    assert "Snapshot finished: 3 rows copied into emp_cdc" in out
+    pipeline.producer()
+    pipeline.consumer()
+    assert [row[0] for row in pipeline.wait_for_equal()] == [-2147483648, 0, 2147483647]
+
+
 def test_a_finished_snapshot_is_not_taken_again_unless_restarted(pipeline):
     prefill(3)
     taking = snapshot(pipeline)
