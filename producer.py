@@ -69,7 +69,7 @@ FETCH_FIRST = BATCH_CHANGES + "ORDER BY action_id + 0 LIMIT %(size)s"
 
 # Where the source's WAL ends now, read after the batch's snapshot was taken, and
 # whether it is flushed: every transaction visible in the snapshot wrote its commit
-# before it. A writer with synchronous_commit = off is visible before its commit is on
+# record before that point. A writer with synchronous_commit = off is visible before its commit is on
 # disk, and a crash of the source forgets it; the producer publishes only what the source
 # has flushed, so the destination never holds a change the source forgot (one crash of
 # such a source under 4 writers left 7 rows in the destination that the source had not).
@@ -77,8 +77,9 @@ WAL_END = """
 SELECT wal_end::text, pg_current_wal_flush_lsn() >= wal_end FROM pg_current_wal_insert_lsn() AS wal_end
 """
 FLUSHED = "SELECT pg_current_wal_flush_lsn() >= %s::pg_lsn"
-# The first wait for it: while writers commit synchronously, the next commit flushes
-# the WAL of those still in progress at the snapshot, within a millisecond or two.
+# The first wait for it, doubling after each look: while writers commit synchronously,
+# the next commit flushes the WAL of those still in progress at the snapshot, within a
+# millisecond or two; while they do not, the WAL writer does, some 10 looks later.
 FLUSH_WAIT = 0.0002  # seconds
 
 # Whether a transaction not visible in the saved snapshot has committed a change: the
@@ -431,7 +432,8 @@ class CdcProducer:
     def wait_for_flush(self, wal_end):
         """Waits until the source has flushed its WAL up to wal_end (the WAL writer does
         within wal_writer_delay, 200 ms by default; any synchronous commit at once);
-        returns False if a stop came first."""
+        returns False if a stop came first. Between looks it waits FLUSH_WAIT, doubling
+        up to POLL_INTERVAL."""
         wait = FLUSH_WAIT
         with self.db.cursor() as cursor:
             while not self.stop.requested:
@@ -439,7 +441,7 @@ class CdcProducer:
                 if cursor.fetchone()[0]:
                     return True
                 self.stop.sleep(wait)
-                wait = min(wait * RELAX, self.settings.poll_interval)
+                wait = min(wait * 2, self.settings.poll_interval)
         return False
 
     def wait_for_changes(self):
