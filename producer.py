@@ -67,12 +67,13 @@ FETCH_BATCH = BATCH_CHANGES + "ORDER BY action_id"
 # sorted from the txid index: 123 ms).
 FETCH_FIRST = BATCH_CHANGES + "ORDER BY action_id + 0 LIMIT %(size)s"
 
-# Where the source's WAL ends now, read after the batch's snapshot was taken, and
-# whether it is flushed: every transaction visible in the snapshot wrote its commit
-# record before that point. A writer with synchronous_commit = off is visible before its commit is on
-# disk, and a crash of the source forgets it; the producer publishes only what the source
-# has flushed, so the destination never holds a change the source forgot (one crash of
-# such a source under 4 writers left 7 rows in the destination that the source had not).
+# Where the source's WAL ends now, read once a batch has changes (after its snapshot
+# was taken), and whether it is flushed: every transaction visible in the snapshot wrote
+# its commit record before that point. A writer with synchronous_commit = off is visible
+# before its commit is on disk, and a crash of the source forgets it; the producer
+# publishes only what the source has flushed, so the destination never holds a change
+# the source forgot (one crash of such a source under 4 writers left 7 rows in the
+# destination that the source had not).
 WAL_END = """
 SELECT wal_end::text, pg_current_wal_flush_lsn() >= wal_end FROM pg_current_wal_insert_lsn() AS wal_end
 """
@@ -300,9 +301,8 @@ class CdcProducer:
         with self.db.cursor() as cursor:
             cursor.execute(LOAD_BATCH, {"published": self.published})
             since, in_progress, until, after, batch_open = cursor.fetchone()
-            cursor.execute(WAL_END)
-            wal_end, flushed = cursor.fetchone()
         published = 0
+        flushed = False
         # closing(): the server-side cursor's transaction ends here, however work() ends
         # (a stop, a PublishError), not later when the generator is collected.
         with closing(self.batch_chunks({"since": since, "in_progress": in_progress,
@@ -310,7 +310,7 @@ class CdcProducer:
             for rows in chunks:
                 started = time.monotonic()
                 if not flushed:
-                    flushed = self.wait_for_flush(wal_end)
+                    flushed = self.wait_for_flush()
                     if not flushed:
                         return published
                 self.publish(rows)
@@ -429,20 +429,21 @@ class CdcProducer:
                            error_class=type(error).__name__, attempts=1,
                            action_id=fields["action_id"])
 
-    def wait_for_flush(self, wal_end):
-        """Waits until the source has flushed its WAL up to wal_end (the WAL writer does
-        within wal_writer_delay, 200 ms by default; any synchronous commit at once);
-        returns False if a stop came first. Between looks it waits FLUSH_WAIT, doubling
-        up to POLL_INTERVAL."""
+    def wait_for_flush(self):
+        """Waits until the source has flushed its WAL up to where it ends now (the WAL
+        writer does within wal_writer_delay, 200 ms by default; any synchronous commit
+        at once); returns False if a stop came first. Between looks it waits FLUSH_WAIT,
+        doubling up to POLL_INTERVAL."""
         wait = FLUSH_WAIT
         with self.db.cursor() as cursor:
-            while not self.stop.requested:
-                cursor.execute(FLUSHED, (wal_end,))
-                if cursor.fetchone()[0]:
-                    return True
+            cursor.execute(WAL_END)
+            wal_end, flushed = cursor.fetchone()
+            while not flushed and not self.stop.requested:
                 self.stop.sleep(wait)
                 wait = min(wait * 2, self.settings.poll_interval)
-        return False
+                cursor.execute(FLUSHED, (wal_end,))
+                flushed = cursor.fetchone()[0]
+        return flushed
 
     def wait_for_changes(self):
         """Returns when emp_cdc holds committed changes past the watermark, when a
