@@ -6,6 +6,7 @@ from contextlib import closing
 import psycopg2
 import pytest
 
+import producer
 from conftest import PORTS, TEST_DB, apply_roles, query
 
 REFUSED = {
@@ -46,7 +47,9 @@ ALLOWED = {
                                  "SELECT pg_try_advisory_lock(1), pg_current_snapshot()",
                                  # what tells a source that went back in time (source_rewind.py)
                                  "SELECT last_value FROM emp_cdc_action_id_seq",
-                                 "SELECT pg_control_system(), pg_control_checkpoint()"],
+                                 "SELECT pg_control_system(), pg_control_checkpoint()",
+                                 # the commit that flushes the source's WAL before a batch
+                                 "SELECT pg_logical_emit_message(true, 'cdc-producer', 'flush')"],
     # An emp_id no other test uses: the rows other tests left stay out of the way.
     ("dest", "cdc_consumer"): ["INSERT INTO cdc_applied VALUES (-1999999999, 1, false)",
                                "INSERT INTO employees (emp_id) VALUES (-1999999999) ON CONFLICT (emp_id) "
@@ -80,6 +83,23 @@ def test_each_role_may_do_its_job(services, side, role):
         for statement in ALLOWED[(side, role)]:
             cursor.execute(statement)
         cursor.execute("ROLLBACK")
+
+
+def test_the_producer_flushes_where_public_may_not(services):
+    """A hardened source that revoked pg_logical_emit_message from PUBLIC: roles.sql's
+    grant still lets the producer flush the WAL it would otherwise wait for."""
+    function = "pg_logical_emit_message(boolean, text, text)"
+    query("source", f"REVOKE EXECUTE ON FUNCTION {function} FROM PUBLIC")
+    try:
+        with closing(connect_as("source", "cdc_producer")) as db, db.cursor() as cursor:
+            cursor.execute("SET synchronous_commit = off")
+            cursor.execute("SELECT pg_current_wal_insert_lsn()")
+            wal_end = cursor.fetchone()[0]
+            cursor.execute(producer.FLUSH)
+            cursor.execute("SELECT pg_current_wal_flush_lsn() >= %s", (wal_end,))
+            assert cursor.fetchone() == (True,)
+    finally:
+        query("source", f"GRANT EXECUTE ON FUNCTION {function} TO PUBLIC")
 
 
 def test_roles_sql_runs_again_without_harm(services):

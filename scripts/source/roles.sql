@@ -36,6 +36,10 @@ GRANT SELECT ON SEQUENCE emp_cdc_action_id_seq TO cdc_producer;
 -- The cluster's identity and timeline (restored, re-created, failed over): readable by
 -- superusers only unless granted, and they tell nothing of the data.
 GRANT EXECUTE ON FUNCTION pg_control_system(), pg_control_checkpoint() TO cdc_producer;
+-- Its commit of a logical decoding message flushes the source's WAL before a batch is
+-- published, when no writer's commit did. Every role may by default; granted here so
+-- that a source that revoked it from PUBLIC still lets the producer.
+GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO cdc_producer;
 
 -- status and verify: read, never write.
 GRANT SELECT ON employees, emp_cdc, cdc_offset TO cdc_reader;
