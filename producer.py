@@ -83,6 +83,7 @@ FLUSHED = "SELECT pg_current_wal_flush_lsn() >= pg_current_wal_insert_lsn()"
 # as the pruning of cdc_offset's dead versions by the producer's own reads: the 95th
 # percentile of single-row inserts on an idle source was 209-211 ms against 6-14 ms.
 # `local`: a synchronous standby that is down does not hold publishing back.
+FLUSH_FUNCTION = "pg_logical_emit_message(boolean, text, text)"
 FLUSH = """
 BEGIN;
 SET LOCAL synchronous_commit = local;
@@ -116,7 +117,7 @@ RELAX = 1.1
 # clients got 2,630-2,660 tps instead of 2,270-2,290. But at that rate it also reached
 # the 10 ms every time, and half of it was added to the median: 0.6 ms a change waits
 # some 4 ms there, and its p50 was 6.4 ms against 11.4-12.2 (10.4 with 0.7 ms, 5.3-5.9
-# with 0.5 ms), for 45% more CPU at that rate (15.2 against 10.5-10.7 CPU-seconds in
+# with 0.5 ms), for 45% more CPU at that rate (15.2 against 10.3-10.7 CPU-seconds in
 # 20 s). From about 1,700 changes/s it reaches the 10 ms as before.
 GATHER_PER_CHANGE = 0.0006  # seconds
 GATHER_MAX = 0.01  # seconds
@@ -265,6 +266,12 @@ class CdcProducer:
                 raise config.ConfigError(f"source database {config.database_name(self.settings, 'source')}: "
                                          f"{error.diag.message_primary} (apply scripts/source/init.sql)") from None
             offset = cursor.fetchone()[0]
+            # Found now, not at the first batch the WAL writer has not flushed yet.
+            cursor.execute("SELECT has_function_privilege(%s, 'EXECUTE')", (FLUSH_FUNCTION,))
+            if not cursor.fetchone()[0]:
+                raise config.ConfigError(
+                    f"source database {config.database_name(self.settings, 'source')}: the producer's "
+                    f"role may not execute {FLUSH_FUNCTION} (apply scripts/source/roles.sql)")
             # Before anything is fetched or purged: both would be wrong from here on.
             went_back = source_rewind.went_back(cursor, self.settings)
             if went_back:

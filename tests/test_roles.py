@@ -88,7 +88,7 @@ def test_each_role_may_do_its_job(services, side, role):
 def test_the_producer_flushes_where_public_may_not(services):
     """A hardened source that revoked pg_logical_emit_message from PUBLIC: roles.sql's
     grant still lets the producer flush the WAL it would otherwise wait for."""
-    function = "pg_logical_emit_message(boolean, text, text)"
+    function = producer.FLUSH_FUNCTION
     query("source", f"REVOKE EXECUTE ON FUNCTION {function} FROM PUBLIC")
     try:
         with closing(connect_as("source", "cdc_producer")) as db, db.cursor() as cursor:
@@ -100,6 +100,18 @@ def test_the_producer_flushes_where_public_may_not(services):
             assert cursor.fetchone() == (True,)
     finally:
         query("source", f"GRANT EXECUTE ON FUNCTION {function} TO PUBLIC")
+
+
+def test_a_producer_that_may_not_flush_says_so_and_exits_1(pipeline):
+    query("source", f"REVOKE EXECUTE ON FUNCTION {producer.FLUSH_FUNCTION} FROM PUBLIC, cdc_producer")
+    try:
+        daemon = pipeline.start("producer.py")
+        assert daemon.process.wait(60) == 1
+        assert daemon.log().splitlines()[-1] == (
+            f"Error: source database localhost:5432/{TEST_DB}: the producer's role may not execute "
+            f"{producer.FLUSH_FUNCTION} (apply scripts/source/roles.sql)")
+    finally:
+        query("source", f"GRANT EXECUTE ON FUNCTION {producer.FLUSH_FUNCTION} TO PUBLIC, cdc_producer")
 
 
 def test_roles_sql_runs_again_without_harm(services):
