@@ -110,17 +110,23 @@ FIRST_WAIT = 0.001  # seconds
 RELAX = 1.1
 # After a batch of n changes, fewer than BATCH_SIZE, the producer waits 0.6 n ms (at
 # most GATHER_MAX) before it looks again: changes that come one at a time are each
-# published at once, and while they pour in each batch gathers up to 10 ms of them.
+# published at once, and while they pour in each batch gathers up to GATHER_MAX of them.
 # Every look, publish and acknowledgement costs the source, Kafka and the consumer about
 # the same whatever the batch holds: at 1,000 changes/s, 1 ms a change took the daemons,
 # Kafka and the destination from 13.0-13.2 to 9.2 CPU-seconds in 12 s, and 8 pgbench
 # clients got 2,630-2,660 tps instead of 2,270-2,290. But at that rate it also reached
-# the 10 ms every time, and half of it was added to the median: 0.6 ms a change waits
-# some 4 ms there, and its p50 was 6.4 ms against 11.4-12.2 (10.4 with 0.7 ms, 5.3-5.9
-# with 0.5 ms), for 45% more CPU at that rate (15.2 against 10.3-10.7 CPU-seconds in
-# 20 s). From about 1,700 changes/s it reaches the 10 ms as before.
+# the 10 ms it was capped at then every time, and half of it was added to the median:
+# 0.6 ms a change waits some 4 ms there, and its p50 was 6.4 ms against 11.4-12.2 (10.4
+# with 0.7 ms, 5.3-5.9 with 0.5 ms), for 45% more CPU at that rate (15.2 against
+# 10.3-10.7 CPU-seconds in 20 s). From about 1,500 changes/s it reaches GATHER_MAX,
+# which then sets how many batches a second the source, Kafka and the destination pay
+# for: librdkafka sends one produce request per partition, and each wakes the consumer's
+# fetch. 8 pgbench clients of one-row UPDATEs got 5,017-5,709 tps with 30 ms against
+# 4,829-5,091 with 10 ms (five interleaved runs, the daemons using a fifth less CPU),
+# for a p50 of 50-53 ms against 34-35 at the most 8 writers offer (about 4,000
+# changes/s).
 GATHER_PER_CHANGE = 0.0006  # seconds
-GATHER_MAX = 0.01  # seconds
+GATHER_MAX = 0.03  # seconds
 
 SAVE_PROGRESS = """
 UPDATE cdc_offset
