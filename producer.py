@@ -112,19 +112,13 @@ RELAX = 1.1
 # most GATHER_MAX) before it looks again: changes that come one at a time are each
 # published at once, and while they pour in each batch gathers up to GATHER_MAX of them.
 # Every look, publish and acknowledgement costs the source, Kafka and the consumer about
-# the same whatever the batch holds: at 1,000 changes/s, 1 ms a change took the daemons,
-# Kafka and the destination from 13.0-13.2 to 9.2 CPU-seconds in 12 s, and 8 pgbench
-# clients got 2,630-2,660 tps instead of 2,270-2,290. But at that rate it also reached
-# the 10 ms it was capped at then every time, and half of it was added to the median:
-# 0.6 ms a change waits some 4 ms there, and its p50 was 6.4 ms against 11.4-12.2 (10.4
-# with 0.7 ms, 5.3-5.9 with 0.5 ms), for 45% more CPU at that rate (15.2 against
-# 10.3-10.7 CPU-seconds in 20 s). From about 1,500 changes/s it reaches GATHER_MAX,
-# which then sets how many batches a second the source, Kafka and the destination pay
-# for: librdkafka sends one produce request per partition, and each wakes the consumer's
-# fetch. 8 pgbench clients of one-row UPDATEs got 5,017-5,709 tps with 30 ms against
-# 4,829-5,091 with 10 ms (five interleaved runs, the daemons using a fifth less CPU),
-# for a p50 of 50-53 ms against 34-35 at the most 8 writers offer (about 4,000
-# changes/s).
+# the same whatever the batch holds (librdkafka sends one produce request per partition,
+# and each wakes the consumer's fetch). At 1,000 changes/s a batch holds 5-10 changes:
+# 0.6 ms a change gave p50 6.4 ms against 11.4-12.2 with 1 ms, for 45% more CPU at that
+# rate. From about 1,500 changes/s the cap sets how many batches a second there are:
+# 8 pgbench clients of one-row UPDATEs got 5,017-5,709 tps with 30 ms against
+# 4,829-5,091 with 10 ms, for a p50 of 50-53 ms against 34-35 at about 4,000 changes/s
+# (README, "Figures on this machine").
 GATHER_PER_CHANGE = 0.0006  # seconds
 GATHER_MAX = 0.03  # seconds
 
@@ -260,6 +254,7 @@ class CdcProducer:
         self.db = config.connect(self.settings, "source", application_name="cdc-producer",
                                  options="-c synchronous_commit=off -c DateStyle=ISO")
         self.db.autocommit = True
+        source = f"source database {config.database_name(self.settings, 'source')}"
         with self.db.cursor() as cursor:
             if not self.wait_for_lock(cursor):
                 return
@@ -269,22 +264,21 @@ class CdcProducer:
                 cursor.execute("PREPARE new_changes AS " + NEW_CHANGES)
                 cursor.execute("SELECT last_action_id FROM cdc_offset WHERE id = 1")
             except psycopg2.ProgrammingError as error:
-                raise config.ConfigError(f"source database {config.database_name(self.settings, 'source')}: "
-                                         f"{error.diag.message_primary} (apply scripts/source/init.sql)") from None
+                raise config.ConfigError(f"{source}: {error.diag.message_primary} "
+                                         f"(apply scripts/source/init.sql)") from None
             offset = cursor.fetchone()[0]
             # Found now, not at the first batch the WAL writer has not flushed yet.
             cursor.execute("SELECT has_function_privilege(%s, 'EXECUTE')", (FLUSH_FUNCTION,))
             if not cursor.fetchone()[0]:
-                raise config.ConfigError(
-                    f"source database {config.database_name(self.settings, 'source')}: the producer's "
-                    f"role may not execute {FLUSH_FUNCTION} (apply scripts/source/roles.sql)")
+                raise config.ConfigError(f"{source}: the producer's role may not execute "
+                                         f"{FLUSH_FUNCTION} (apply scripts/source/roles.sql)")
             # Before anything is fetched or purged: both would be wrong from here on.
             went_back = source_rewind.went_back(cursor, self.settings)
             if went_back:
                 raise config.ConfigError(
-                    f"source database {config.database_name(self.settings, 'source')} went back "
-                    f"in time: {went_back}; it was restored, re-created or failed over. To publish "
-                    f"from it, stop every producer and run: python admin.py renumber-source")
+                    f"{source} went back in time: {went_back}; it was restored, re-created or "
+                    f"failed over. To publish from it, stop every producer and run: "
+                    f"python admin.py renumber-source")
             log.info("Loaded offset: %d", offset)
         # Planned for the whole result, not the first rows: a batch is read to its end.
         self.reader = config.connect(self.settings, "source", application_name="cdc-producer-reader",
