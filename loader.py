@@ -58,7 +58,8 @@ CREATE TEMP TABLE employees_load (
 COPY_STAGING = "COPY employees_load (line, emp_id, first_name, last_name, dob, city, salary) FROM STDIN"
 
 # Before the rows: the ids of the file are never handed out again as defaults, and
-# rows at or below the sequence do not call employees_emp_id_given() one by one.
+# the trigger finds every row at or below the sequence, so it moves the sequence
+# once per chunk rather than once per row.
 ADVANCE_SEQUENCE = """
 SELECT employees_emp_id_seq_at_least(max(emp_id)) FROM employees_load HAVING count(*) > 0"""
 
