@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything the pipeline needs, set up on this machine: the system packages it lacks
-# (Java, Maven, PostgreSQL's server, psql, pgbench, python3-venv), the Python packages
-# of requirements.txt and requirements-test.txt in the virtual environment .venv, and the local stack
-# (scripts/stack.sh up). Run again, it only checks.
+# (Java, Maven, PostgreSQL's server and its headers, a C compiler, psql, pgbench,
+# python3-venv), the Python packages of requirements.txt and requirements-test.txt in
+# the virtual environment .venv, and the local stack (scripts/stack.sh up). Run again,
+# it only checks.
 #
 # The packages come from apt-get, run as root, or through `sudo -n` where that needs no
 # password; otherwise set-up stops with the one command to run. Debian's postgresql
@@ -50,7 +51,7 @@ refuse_clusters_of_the_user() {
 }
 
 install_missing_packages() {  # returns 1 if nothing was missing
-    missing_prerequisites java maven server psql pgbench openssl venv
+    missing_prerequisites java maven server capture psql pgbench openssl venv
     [ ${#PACKAGES[@]} -gt 0 ] || return 1
     command -v apt-get >/dev/null \
         || die "missing ${MISSING[*]}; install them (Debian's packages: ${PACKAGES[*]})"
@@ -63,7 +64,7 @@ install_missing_packages() {  # returns 1 if nothing was missing
     say "Installing ${PACKAGES[*]} (missing ${MISSING[*]})"
     $root apt-get update -q
     $root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${PACKAGES[@]}"
-    missing_prerequisites java maven server psql pgbench openssl venv
+    missing_prerequisites java maven server capture psql pgbench openssl venv
     [ ${#MISSING[@]} -eq 0 ] || die "still missing ${MISSING[*]} after apt-get install -y ${PACKAGES[*]}"
 }
 

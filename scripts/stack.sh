@@ -160,6 +160,18 @@ pg_data_root() {
 
 pg_data() { echo "$(readlink -f "$STACK/pg")/$1"; }
 
+# The capture triggers in C (scripts/source/capture), built and installed into the
+# server before the source's init.sql runs, which uses them where they are installed.
+# Without the server's headers, a compiler or the right to write into the server's
+# directories (scripts/setup.sh brings the first two), capture stays in PL/pgSQL.
+pg_capture_extension() {
+    local pg_config="$(pg_bindir)/pg_config" log="$STACK/capture-build.log"
+    [ -x "$pg_config" ] || pg_config=pg_config
+    mkdir -p "$STACK"
+    make -C "$ROOT/scripts/source/capture" PG_CONFIG="$pg_config" install >"$log" 2>&1 \
+        || say "Capture stays in PL/pgSQL: scripts/source/capture did not build or install (see $log)"
+}
+
 pg_running() { as_pg "$(pg_bindir)/pg_ctl" -D "$(pg_data "$1")" status >/dev/null 2>&1; }
 
 pg_up() {
@@ -200,6 +212,7 @@ EOF
         as_pg "$bin/pg_ctl" -D "$data" -l "$root/$name.log" -w -t 60 start >/dev/null \
             || die_with_log "$root/$name.log" "the $name PostgreSQL did not start"
     fi
+    [ "$name" = source ] && pg_capture_extension
     if [ -n "$fresh" ]; then
         PGPASSWORD=$PG_PASSWORD psql -h localhost -p "$port" -U postgres -d postgres -q \
             -v ON_ERROR_STOP=1 -f "$(pg_init_sql "$name")" >/dev/null && pg_roles "$name" "$port" \
