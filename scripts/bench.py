@@ -12,6 +12,8 @@ producer.py and consumer.py, all removed at the end. It prints one table:
   source cost       pgbench, 8 clients of one-row UPDATE, then INSERT, transactions on
                     the captured table with the daemons running, against a bare table
                     on the same server: tps of each and the share kept
+  capture cost      the same with the daemons stopped: what capture alone costs the
+                    writers, and whether it runs in C or in PL/pgSQL
   latency           changes offered at 1,000/s, then as fast as 8 writers can, in
                     one-statement transactions: commit->applied p50/p95/p99/max from
                     the databases' timestamps, and when the destination caught up
@@ -56,7 +58,11 @@ CREATE TABLE employees (emp_id INT PRIMARY KEY, first_name VARCHAR(100), last_na
 FILL = ("INSERT INTO employees SELECT g, 'First' || g, 'Last', DATE '1990-01-01' + mod(g, 9000), "
         "'City', g FROM generate_series(1, %s) g")
 TOTALS = "SELECT count(*), COALESCE(sum(salary), 0) FROM employees"
-PARTS = ["single_statements", "source_cost", "latency_under_load", "long_transaction", "drain",
+# What the captured table's UPDATEs call: the C function of the cdc_capture extension,
+# where the server has it, or the PL/pgSQL one (see scripts/source/init.sql).
+CAPTURE_FUNCTION = ("SELECT tgfoid::regproc::text FROM pg_trigger "
+                    "WHERE tgrelid = 'employees'::regclass AND tgname = 'employee_audit_trigger'")
+PARTS = ["single_statements", "source_cost", "capture_cost", "latency_under_load", "long_transaction", "drain",
          "snapshot"]
 BACKLOG_CHUNK = 10000  # rows per transaction of the backlog
 
@@ -155,6 +161,7 @@ class Bench:
                     "KAFKA_GROUP_ID": f"bench_{run_id}",
                     "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers}
         self.daemons = []
+        self.bare_made = False
         self.peak_rss = {"producer": 0.0, "consumer": 0.0}  # MB
         self.rows = []
 
@@ -217,21 +224,35 @@ class Bench:
                                   "SELECT count(*) FROM employees WHERE salary < 0")
         self.row("one statement", f"{size.changes:,} updates", f"{rate:,.0f} changes/s")
 
-    def source_cost(self, source, dest):
+    def pgbench_against_bare(self, part, conditions):
+        """One row per statement: pgbench's tps on cdc_bench_bare (made at the first
+        call), then on the captured table, and the share kept."""
         size = self.size
         if bench_load.pgbench_missing():
-            self.row("source cost", "pgbench", "not measured: no pgbench (apt-get install postgresql-client)")
+            self.row(part, "pgbench", "not measured: no pgbench (apt-get install postgresql-client)")
             return
-        recreate_database(self.settings, "source", BARE_DATABASE)
-        run_sql(SimpleNamespace(**{**vars(self.settings), "source_db": BARE_DATABASE}), "source",
-                (BARE_TABLE,), (FILL, (size.changes,)))
+        if not self.bare_made:
+            recreate_database(self.settings, "source", BARE_DATABASE)
+            run_sql(SimpleNamespace(**{**vars(self.settings), "source_db": BARE_DATABASE}), "source",
+                    (BARE_TABLE,), (FILL, (size.changes,)))
+            self.bare_made = True
         for statement in ("UPDATE", "INSERT"):
             bare, captured = (bench_load.pgbench_tps(self.settings, database, statement, size.changes,
                                                      size.pgbench_seconds)
                               for database in (BARE_DATABASE, DATABASE))
-            self.row("source cost", f"pgbench one-row {statement}s, 8 clients, {size.pgbench_seconds} s, "
-                                    f"daemons running",
+            self.row(part, f"pgbench one-row {statement}s, 8 clients, {size.pgbench_seconds} s, {conditions}",
                      f"bare {bare:,.0f} tps, captured {captured:,.0f} tps, kept {captured / bare:.0%}")
+
+    def source_cost(self, source, dest):
+        self.pgbench_against_bare("source cost", "daemons running")
+        wait_for_equal(source, dest, 600)
+
+    def capture_cost(self, source, dest):
+        source.execute(CAPTURE_FUNCTION)
+        language = "C" if source.fetchone()[0] == "cdc_log_employee_change" else "PL/pgSQL"
+        self.stop_daemons()
+        self.pgbench_against_bare("capture cost", f"daemons stopped, capture in {language}")
+        self.start_daemons()
         wait_for_equal(source, dest, 600)
 
     def offer(self, source, dest, rate, seconds, writers):

@@ -13,6 +13,10 @@ ROWS = [r"single row +5 inserts one at a time.*median [\d.]+ ms, p95 [\d.]+ ms",
         r"one statement +1,000 updates .* changes/s",
         r"source cost +pgbench one-row UPDATEs.*bare [\d,]+ tps, captured [\d,]+ tps, kept \d+%",
         r"source cost +pgbench one-row INSERTs.*bare [\d,]+ tps, captured [\d,]+ tps, kept \d+%",
+        r"capture cost +pgbench one-row UPDATEs.*daemons stopped, capture in C +"
+        r"bare [\d,]+ tps, captured [\d,]+ tps, kept \d+%",
+        r"capture cost +pgbench one-row INSERTs.*daemons stopped, capture in C +"
+        r"bare [\d,]+ tps, captured [\d,]+ tps, kept \d+%",
         r"latency +1,000 changes/s, 4 writers.*p50 [\d.]+ / p95 [\d.]+ / p99 [\d.]+ / max [\d.]+ ms",
         r"latency +as fast as 8 writers go.*p50 [\d.]+ / p95 .* offered [\d,]+/s",
         r"long transaction +1,000/s with an xid open, minute 1 .*p50 [\d.]+",

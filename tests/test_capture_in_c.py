@@ -34,6 +34,8 @@ def trigger_functions(dbname):
 @pytest.fixture
 def databases(services):
     """Two source databases made by init.sql: one capturing in C, one told to keep PL/pgSQL."""
+    if not server_is_15():
+        pytest.skip("cdc_capture is written for PostgreSQL 15 and builds for no other")
     names = {"c": "cdc_capture_c", "plpgsql": "cdc_capture_plpgsql"}
     with closing(connect("source", "postgres")) as admin, admin.cursor() as cursor:
         for name in names.values():
@@ -55,10 +57,17 @@ def databases(services):
         cursor.execute("DROP ROLE IF EXISTS cdc_test_writer")
 
 
-def test_the_stack_captures_in_c(services):
-    assert query("source", "SELECT count(*) FROM pg_available_extensions WHERE name = 'cdc_capture'") == [(1,)], \
-        "scripts/stack.sh did not install the cdc_capture extension (see its output)"
-    assert trigger_functions("cdc_test") == C_FUNCTIONS
+def server_is_15():
+    return query("source", "SELECT current_setting('server_version_num')::int / 10000")[0][0] == 15
+
+
+def test_the_stack_captures_in_c_on_postgresql_15_and_in_plpgsql_elsewhere(services):
+    if server_is_15():
+        assert query("source", "SELECT count(*) FROM pg_available_extensions WHERE name = 'cdc_capture'") \
+            == [(1,)], "scripts/stack.sh did not install the cdc_capture extension (see its output)"
+        assert trigger_functions("cdc_test") == C_FUNCTIONS
+    else:
+        assert trigger_functions("cdc_test") == PLPGSQL_FUNCTIONS
 
 
 CHANGES = "SELECT action_id, emp_id, first_name, last_name, dob, city, salary, action FROM emp_cdc ORDER BY action_id"

@@ -165,11 +165,11 @@ def test_readme_tests_table_names_every_test_file():
         assert f"| `tests/{path.name}`" in readme or f", `tests/{path.name}`" in readme, path.name
 
 
-# Flags of other programs that the README shows (docker compose, pytest, Kafka's own tools, the
-# side-by-side benchmark of ../shared/bench).
+# Flags of other programs that the README shows (docker compose, pytest, Kafka's own tools,
+# valgrind and postgres, the side-by-side benchmark of ../shared/bench).
 OTHER_PROGRAMS_FLAGS = {"--build", "--profile", "--dbz-warmup", "--help", "--durations", "--shuffle", "--add", "--add-config",
                         "--add-scram", "--allow-principal", "--alter", "--bootstrap-server",
-                        "--command-config", "--entity-type", "--operation"}
+                        "--command-config", "--entity-type", "--operation", "--tool", "--single"}
 
 
 def help_flags(script, *command):

@@ -36,6 +36,15 @@
 #include "utils/tuplestore.h"
 #include "utils/xid8.h"
 
+/*
+ * Written against PostgreSQL 15's executor, the version it is tested on: version 16
+ * changed how a range table carries permissions, which open_writer() would have to
+ * follow. Elsewhere it does not build, and capture stays in PL/pgSQL.
+ */
+#if PG_VERSION_NUM < 150000 || PG_VERSION_NUM >= 160000
+#error "cdc_capture is written for PostgreSQL 15"
+#endif
+
 PG_MODULE_MAGIC;
 
 /* The columns of employees that every change logs, as log_employee_changes() does. */
