@@ -49,15 +49,14 @@ PG_MODULE_MAGIC;
 
 /* The columns of employees that every change logs, as log_employee_changes() does. */
 static const char *const copied_column_names[] = {"emp_id", "first_name", "last_name", "dob", "city", "salary"};
+#define EMP_ID 0				/* copied_column_names[EMP_ID], an integer */
 
-/* What the triggers of one table need to know of it and of its emp_cdc. */
+/* What the capture trigger needs to know of a table and of its emp_cdc. */
 typedef struct CaptureTarget
 {
-	Oid			source;			/* the table the triggers are on; InvalidOid: none yet */
+	Oid			source;			/* the table the trigger is on; InvalidOid: none yet */
 	Oid			log;			/* its emp_cdc */
 	Oid			action_id_sequence;
-	Oid			emp_id_sequence;	/* the source's identity sequence, or InvalidOid */
-	AttrNumber	source_emp_id;
 	AttrNumber	action_id;
 	AttrNumber	action;
 	AttrNumber	txid;
@@ -66,17 +65,42 @@ typedef struct CaptureTarget
 	AttrNumber	copied_to[lengthof(copied_column_names)];	/* in emp_cdc */
 } CaptureTarget;
 
+/* What the emp_id trigger needs to know of a table. */
+typedef struct EmpIdColumn
+{
+	Oid			source;			/* InvalidOid: none yet */
+	AttrNumber	emp_id;
+	Oid			sequence;		/* its identity sequence, or InvalidOid */
+} EmpIdColumn;
+
 /*
- * One table's, kept for the session: looking emp_cdc up costs more than writing to
- * it. Forgotten when either table changes (ALTER, DROP), and looked up again.
+ * One table's of each, kept for the session: looking them up costs more than writing
+ * a change. Forgotten when either table changes (ALTER, DROP), and looked up again;
+ * a trigger consults them only once it holds its lock on both tables, which keeps
+ * every such change out until its transaction ends.
  */
 static CaptureTarget target;
+static EmpIdColumn emp_id_column;
 
 static void
-forget_target(Datum arg, Oid relid)
+forget_tables(Datum arg, Oid relid)
 {
 	if (relid == InvalidOid || relid == target.source || relid == target.log)
 		target.source = InvalidOid;
+	if (relid == InvalidOid || relid == emp_id_column.source)
+		emp_id_column.source = InvalidOid;
+}
+
+static void
+forget_when_tables_change(void)
+{
+	static bool registered = false;
+
+	if (!registered)
+	{
+		CacheRegisterRelcacheCallback(forget_tables, (Datum) 0);
+		registered = true;
+	}
 }
 
 static AttrNumber
@@ -118,35 +142,17 @@ map_copied_columns(CaptureTarget *t, Relation source, Relation log)
 	}
 }
 
-static CaptureTarget *
-capture_target(Relation source)
+/* source and log are open and locked by the caller. */
+static CaptureTarget
+capture_target(Relation source, Relation log)
 {
-	static bool callback_registered = false;
 	CaptureTarget t = {0};
-	Relation	log;
 	List	   *sequences;
 
-	if (target.source == RelationGetRelid(source))
-		return &target;
-	if (!callback_registered)
-	{
-		CacheRegisterRelcacheCallback(forget_target, (Datum) 0);
-		callback_registered = true;
-	}
-	t.log = get_relname_relid("emp_cdc", RelationGetNamespace(source));
-	if (!OidIsValid(t.log))
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_TABLE),
-				 errmsg("relation \"emp_cdc\" does not exist in the schema of \"%s\"",
-						RelationGetRelationName(source))));
-	t.source_emp_id = column_number(RelationGetDescr(source), "emp_id");
-	if (t.source_emp_id == InvalidAttrNumber ||
-		TupleDescAttr(RelationGetDescr(source), t.source_emp_id - 1)->atttypid != INT4OID)
-		ereport(ERROR,
-				(errmsg("\"%s\" has no emp_id column of type integer", RelationGetRelationName(source))));
-	t.emp_id_sequence = getIdentitySequence(RelationGetRelid(source), t.source_emp_id, true);
-
-	log = table_open(t.log, AccessShareLock);
+	if (target.source == RelationGetRelid(source) && target.log == RelationGetRelid(log))
+		return target;
+	forget_when_tables_change();
+	t.log = RelationGetRelid(log);
 	t.action_id = column_number(RelationGetDescr(log), "action_id");
 	t.action = column_number(RelationGetDescr(log), "action");
 	t.txid = column_number(RelationGetDescr(log), "txid");
@@ -157,17 +163,38 @@ capture_target(Relation source)
 				(errmsg("emp_cdc needs the columns action_id (with the one sequence it owns), action, txid and changed_at")));
 	t.action_id_sequence = linitial_oid(sequences);
 	map_copied_columns(&t, source, log);
-	table_close(log, AccessShareLock);
-
+	if (TupleDescAttr(RelationGetDescr(source), t.copied_from[EMP_ID] - 1)->atttypid != INT4OID)
+		ereport(ERROR,
+				(errmsg("%s.emp_id is not of type integer", RelationGetRelationName(source))));
 	t.source = RelationGetRelid(source);
 	target = t;
-	return &target;
+	return t;
+}
+
+/* source is open and locked by the caller. */
+static EmpIdColumn
+emp_id_of(Relation source)
+{
+	EmpIdColumn column = {0};
+
+	if (emp_id_column.source == RelationGetRelid(source))
+		return emp_id_column;
+	forget_when_tables_change();
+	column.emp_id = column_number(RelationGetDescr(source), "emp_id");
+	if (column.emp_id == InvalidAttrNumber ||
+		TupleDescAttr(RelationGetDescr(source), column.emp_id - 1)->atttypid != INT4OID)
+		ereport(ERROR,
+				(errmsg("\"%s\" has no emp_id column of type integer", RelationGetRelationName(source))));
+	column.sequence = getIdentitySequence(RelationGetRelid(source), column.emp_id, true);
+	column.source = RelationGetRelid(source);
+	emp_id_column = column;
+	return column;
 }
 
 /* An open emp_cdc, ready for the rows of one trigger call. */
 typedef struct ChangeWriter
 {
-	CaptureTarget *target;
+	CaptureTarget target;		/* a copy: a trigger on emp_cdc may capture another table */
 	Relation	log;
 	EState	   *estate;
 	ResultRelInfo *result;
@@ -177,21 +204,28 @@ typedef struct ChangeWriter
 } ChangeWriter;
 
 static void
-open_writer(ChangeWriter *writer, CaptureTarget *t)
+open_writer(ChangeWriter *writer, Relation source)
 {
+	Oid			log = get_relname_relid("emp_cdc", RelationGetNamespace(source));
 	RangeTblEntry *rte;
 	AclResult	acl;
 
-	writer->target = t;
-	writer->log = table_open(t->log, RowExclusiveLock);
-	acl = pg_class_aclcheck(t->log, GetUserId(), ACL_INSERT);
+	if (!OidIsValid(log))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("relation \"emp_cdc\" does not exist in the schema of \"%s\"",
+						RelationGetRelationName(source))));
+	/* Held to the end of the transaction, as an INSERT holds it. */
+	writer->log = table_open(log, RowExclusiveLock);
+	writer->target = capture_target(source, writer->log);
+	acl = pg_class_aclcheck(log, GetUserId(), ACL_INSERT);
 	if (acl != ACLCHECK_OK)
 		aclcheck_error(acl, OBJECT_TABLE, RelationGetRelationName(writer->log));
 
 	writer->estate = CreateExecutorState();
 	rte = makeNode(RangeTblEntry);
 	rte->rtekind = RTE_RELATION;
-	rte->relid = t->log;
+	rte->relid = log;
 	rte->relkind = writer->log->rd_rel->relkind;
 	rte->rellockmode = RowExclusiveLock;
 	ExecInitRangeTable(writer->estate, list_make1(rte));
@@ -221,7 +255,7 @@ close_writer(ChangeWriter *writer)
 static void
 write_change(ChangeWriter *writer, TupleTableSlot *source_row, const char *action)
 {
-	CaptureTarget *t = writer->target;
+	CaptureTarget *t = &writer->target;
 	TupleTableSlot *row = writer->row;
 	/* What one row allocates is freed before the next: a statement may log millions. */
 	MemoryContext caller = MemoryContextSwitchTo(GetPerTupleMemoryContext(writer->estate));
@@ -285,7 +319,7 @@ cdc_log_employee_change(PG_FUNCTION_ARGS)
 	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_AFTER(trigger->tg_event))
 		ereport(ERROR, (errmsg("cdc_log_employee_change() must be called as an AFTER trigger")));
 	event = trigger->tg_event;
-	open_writer(&writer, capture_target(trigger->tg_relation));
+	open_writer(&writer, trigger->tg_relation);
 	if (TRIGGER_FIRED_BY_INSERT(event) && TRIGGER_FIRED_FOR_STATEMENT(event))
 		write_inserted_rows(&writer, trigger);
 	else if (TRIGGER_FIRED_FOR_STATEMENT(event))
@@ -296,7 +330,7 @@ cdc_log_employee_change(PG_FUNCTION_ARGS)
 		write_change(&writer, trigger->tg_trigslot, "DELETE");
 	else
 	{
-		AttrNumber	emp_id = writer.target->source_emp_id;
+		AttrNumber	emp_id = writer.target.copied_from[EMP_ID];
 		bool		old_is_null;
 		bool		new_is_null;
 		Datum		old_emp_id = slot_getattr(trigger->tg_trigslot, emp_id, &old_is_null);
@@ -318,8 +352,7 @@ cdc_log_employee_change(PG_FUNCTION_ARGS)
 PG_FUNCTION_INFO_V1(cdc_employee_emp_id_given);
 
 /*
- * employees_emp_id_given() of init.sql with its WHEN test, which costs more than the
- * call of this function: BEFORE INSERT OR UPDATE OF emp_id, per row. An emp_id above
+ * employees_emp_id_given() of init.sql: BEFORE INSERT OR UPDATE OF emp_id, per row. An emp_id above
  * the identity sequence moves the sequence up, through the SECURITY DEFINER function
  * employees_emp_id_seq_at_least() of the same schema, before the row is written.
  */
@@ -327,7 +360,7 @@ Datum
 cdc_employee_emp_id_given(PG_FUNCTION_ARGS)
 {
 	TriggerData *trigger = (TriggerData *) fcinfo->context;
-	CaptureTarget *t;
+	EmpIdColumn column;
 	HeapTuple	new_row;
 	bool		emp_id_is_null;
 	int32		emp_id;
@@ -338,15 +371,15 @@ cdc_employee_emp_id_given(PG_FUNCTION_ARGS)
 		!TRIGGER_FIRED_FOR_ROW(trigger->tg_event) || TRIGGER_FIRED_BY_DELETE(trigger->tg_event))
 		ereport(ERROR, (errmsg("cdc_employee_emp_id_given() must be called BEFORE INSERT OR UPDATE, per row")));
 	new_row = TRIGGER_FIRED_BY_UPDATE(trigger->tg_event) ? trigger->tg_newtuple : trigger->tg_trigtuple;
-	t = capture_target(trigger->tg_relation);
-	emp_id = DatumGetInt32(heap_getattr(new_row, t->source_emp_id,
-										RelationGetDescr(trigger->tg_relation), &emp_id_is_null));
-	if (emp_id_is_null || !OidIsValid(t->emp_id_sequence))
+	column = emp_id_of(trigger->tg_relation);
+	emp_id = DatumGetInt32(heap_getattr(new_row, column.emp_id, RelationGetDescr(trigger->tg_relation),
+										&emp_id_is_null));
+	if (emp_id_is_null || !OidIsValid(column.sequence))
 		return PointerGetDatum(new_row);
 
 	/* pg_sequence_last_value() is NULL until the sequence's first value: 0 then. */
 	InitFunctionCallInfoData(*last_value, NULL, 1, InvalidOid, NULL, NULL);
-	last_value->args[0].value = ObjectIdGetDatum(t->emp_id_sequence);
+	last_value->args[0].value = ObjectIdGetDatum(column.sequence);
 	last_value->args[0].isnull = false;
 	sequence_at = pg_sequence_last_value(last_value);
 	if (emp_id > (last_value->isnull ? 0 : DatumGetInt64(sequence_at)))
