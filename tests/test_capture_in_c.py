@@ -31,6 +31,10 @@ def trigger_functions(dbname):
                  dbname=dbname)
 
 
+def server_is_15():
+    return query("source", "SELECT current_setting('server_version_num')::int / 10000")[0][0] == 15
+
+
 @pytest.fixture
 def databases(services):
     """Two source databases made by init.sql: one capturing in C, one told to keep PL/pgSQL."""
@@ -55,10 +59,6 @@ def databases(services):
         for name in names.values():
             cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         cursor.execute("DROP ROLE IF EXISTS cdc_test_writer")
-
-
-def server_is_15():
-    return query("source", "SELECT current_setting('server_version_num')::int / 10000")[0][0] == 15
 
 
 def test_the_stack_captures_in_c_on_postgresql_15_and_in_plpgsql_elsewhere(services):
