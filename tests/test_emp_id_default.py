@@ -12,9 +12,14 @@ from conftest import INIT_SQL, Pipeline, connect, query
 
 INSERT_DEFAULT = ("INSERT INTO employees (first_name, last_name, dob, city, salary) "
                   "VALUES (%s, 'Default', '1990-01-01', 'Oslo', 50000) RETURNING emp_id")
-INSERT_GIVEN = ("INSERT INTO employees (emp_id, first_name, last_name, dob, city, salary) "
-                "VALUES (%s, %s, 'Given', '1985-05-05', 'Lima', 60000) RETURNING emp_id")
 SEQUENCE_LAST = "SELECT coalesce(pg_sequence_last_value('employees_emp_id_seq'), 0)"
+# An id a little above the sequence, read in the statement that gives it: read in a
+# statement before, the other writers' defaults could climb to it in between (a thread
+# of the test held back by the GIL), and one of them would take it first.
+ABOVE_SEQUENCE = "coalesce(pg_sequence_last_value('employees_emp_id_seq'), 0) + %s"
+INSERT_ABOVE = ("INSERT INTO employees (emp_id, first_name, last_name, dob, city, salary) "
+                f"SELECT {ABOVE_SEQUENCE}, %s, 'Given', '1985-05-05', 'Lima', 60000 RETURNING emp_id")
+MOVE_ABOVE = f"UPDATE employees SET emp_id = {ABOVE_SEQUENCE} WHERE emp_id = %s RETURNING emp_id"
 
 
 def test_an_insert_without_emp_id_replicates(pipeline):
@@ -45,15 +50,13 @@ def test_given_ids_above_the_sequence_never_collide_with_defaults(pipeline):
                     if choice < 0.5:
                         cursor.execute(INSERT_DEFAULT, (f"w{number}",))
                     else:
-                        cursor.execute(SEQUENCE_LAST)
                         # Far enough above that the other writers' defaults cannot climb
                         # to it while the statement that gives it runs (init.sql).
-                        given = cursor.fetchone()[0] + rng.randint(4, 20)
+                        above = rng.randint(4, 20)
                         if choice < 0.8 or not mine:
-                            cursor.execute(INSERT_GIVEN, (given, f"w{number}"))
+                            cursor.execute(INSERT_ABOVE, (above, f"w{number}"))
                         else:
-                            cursor.execute("UPDATE employees SET emp_id = %s WHERE emp_id = %s "
-                                           "RETURNING emp_id", (given, mine.pop()))
+                            cursor.execute(MOVE_ABOVE, (above, mine.pop()))
                     mine.extend(row[0] for row in cursor.fetchall())
                 except psycopg2.errors.UniqueViolation as error:
                     # A given id taken by a default of another writer in between is the
