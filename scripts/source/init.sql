@@ -148,7 +148,7 @@ CREATE OR REPLACE TRIGGER employee_audit_insert_trigger
 
 -- Where the server has the cdc_capture extension (scripts/source/capture, built and
 -- installed by scripts/stack.sh), the same triggers call its functions in C instead:
--- the same rows for about half the source's CPU per change (see "Capture cost" in
+-- the same rows for 40-50% fewer of the writer's instructions (see "Capture cost" in
 -- README.md). A server without it (a managed service, the postgres Docker image)
 -- keeps the PL/pgSQL functions above, and so does a session that sets
 -- cdc.capture to plpgsql (PGOPTIONS='-c cdc.capture=plpgsql').
