@@ -12,11 +12,12 @@ from conftest import INIT_SQL, Pipeline, connect, query
 
 INSERT_DEFAULT = ("INSERT INTO employees (first_name, last_name, dob, city, salary) "
                   "VALUES (%s, 'Default', '1990-01-01', 'Oslo', 50000) RETURNING emp_id")
-SEQUENCE_LAST = "SELECT coalesce(pg_sequence_last_value('employees_emp_id_seq'), 0)"
+LAST_VALUE = "coalesce(pg_sequence_last_value('employees_emp_id_seq'), 0)"
+SEQUENCE_LAST = f"SELECT {LAST_VALUE}"
 # An id a little above the sequence, read in the statement that gives it: read in a
 # statement before, the other writers' defaults could climb to it in between (a thread
 # of the test held back by the GIL), and one of them would take it first.
-ABOVE_SEQUENCE = "coalesce(pg_sequence_last_value('employees_emp_id_seq'), 0) + %s"
+ABOVE_SEQUENCE = f"{LAST_VALUE} + %s"
 INSERT_ABOVE = ("INSERT INTO employees (emp_id, first_name, last_name, dob, city, salary) "
                 f"SELECT {ABOVE_SEQUENCE}, %s, 'Given', '1985-05-05', 'Lima', 60000 RETURNING emp_id")
 MOVE_ABOVE = f"UPDATE employees SET emp_id = {ABOVE_SEQUENCE} WHERE emp_id = %s RETURNING emp_id"
