@@ -362,6 +362,11 @@ class CdcConsumer:
         self.appliers = [Applier(settings, stop, number) for number in range(settings.apply_connections)]
         self.next_applier = itertools.cycle(self.appliers)
         self.in_flight = deque()  # of InFlight, oldest first
+        # (topic, partition) of those this consumer holds, as the rebalance callbacks
+        # tell. Asking librdkafka (assignment()) waits for its main thread with the GIL
+        # held: under oltp_drain.sh's load, a tenth of the consumer's GIL samples
+        # (py-spy --gil), time in which the appliers could not run.
+        self.assigned = set()
         self.record_lines = config.RecordLines(log)
         # What an earlier run parked while the destination was out of reach may wait in
         # the DLQ: looked for once the destination answers, after the first interval so
@@ -420,9 +425,12 @@ class CdcConsumer:
 
     def on_assign(self, consumer, partitions):
         log.info("Assigned partitions: %s", sorted(p.partition for p in partitions))
+        self.assigned.update((p.topic, p.partition) for p in partitions)
 
     def on_revoke(self, consumer, partitions):
+        """Also called for partitions lost (no on_lost is given)."""
         log.info("Revoked partitions: %s", sorted(p.partition for p in partitions))
+        self.assigned.difference_update((p.topic, p.partition) for p in partitions)
         # The new owner starts once the batches in hand are written, not beside them.
         wait([in_flight.outcome for in_flight in self.in_flight])
 
@@ -547,16 +555,12 @@ class CdcConsumer:
     def store_offsets(self, messages):
         # A rebalance while the batch was gathered may have taken a partition away; its
         # new owner applies those messages again, which the apply makes harmless.
-        assigned = self.assigned()
         next_offsets = {}
         for message in messages:
             next_offsets[(message.topic(), message.partition())] = message.offset() + 1
         self.kafka.store_offsets(offsets=[TopicPartition(topic, partition, offset)
                                           for (topic, partition), offset in next_offsets.items()
-                                          if (topic, partition) in assigned])
-
-    def assigned(self):
-        return {(tp.topic, tp.partition) for tp in self.kafka.assignment()}
+                                          if (topic, partition) in self.assigned])
 
     def rewind(self, messages):
         """Seeks back to the start of a batch that was not acknowledged, so that
@@ -564,9 +568,8 @@ class CdcConsumer:
         first_offsets = {}
         for message in messages:
             first_offsets.setdefault((message.topic(), message.partition()), message.offset())
-        assigned = self.assigned()
         for (topic, partition), offset in first_offsets.items():
-            if (topic, partition) in assigned:
+            if (topic, partition) in self.assigned:
                 self.kafka.seek(TopicPartition(topic, partition, offset))
 
 
