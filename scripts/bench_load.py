@@ -39,6 +39,7 @@ CREATE TRIGGER bench_note_applied AFTER INSERT OR UPDATE ON employees
 CHANGED = """
 SELECT emp_id, salary, extract(epoch FROM changed_at) FROM emp_cdc
 WHERE action_id > %s AND action = 'UPDATE'
+ORDER BY action_id
 """
 APPLIED = "SELECT emp_id, salary, extract(epoch FROM applied_at) FROM bench_applied"
 
@@ -130,20 +131,35 @@ def latencies(source, dest, after_action_id, timeout=120):
     the destination to have them all. Returns (samples, seconds the destination
     trailed the last commit, changes never applied)."""
     source.execute(CHANGED, (after_action_id,))
-    changed = {(emp_id, salary): at for emp_id, salary, at in source.fetchall()}
+    changes = source.fetchall()
     deadline = time.monotonic() + timeout
     while True:
         dest.execute(APPLIED)
         applied = {(emp_id, salary): at for emp_id, salary, at in dest.fetchall()}
-        missing = changed.keys() - applied.keys()
+        samples, missing = visible_after(changes, applied)
         if not missing or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    samples = sorted((float(changed[key]), float(applied[key]) - float(changed[key]))
-                     for key in changed.keys() & applied.keys())
     trailed = max((float(at) for at in applied.values()), default=0) - max(
-        (float(at) for at in changed.values()), default=0)
-    return samples, trailed, len(missing)
+        (float(at) for _, _, at in changes), default=0)
+    return sorted(samples), trailed, missing
+
+
+def visible_after(changes, applied):
+    """(commit epoch, seconds until the destination had it) of each change, in action_id
+    order, and how many it has not. A batch writes only the newest change of each
+    employee it holds: one it passed over was in the destination from the moment the
+    next one applied of the same employee was, and is timed to that."""
+    samples, missing = [], 0
+    applied_next = {}  # emp_id: applied epoch of its next change the destination wrote
+    for emp_id, salary, at in reversed(changes):
+        if (emp_id, salary) in applied:
+            applied_next[emp_id] = applied[(emp_id, salary)]
+        if emp_id in applied_next:
+            samples.append((float(at), float(applied_next[emp_id]) - float(at)))
+        else:
+            missing += 1
+    return samples, missing
 
 
 def distribution(seconds):
