@@ -146,10 +146,10 @@ def latencies(source, dest, after_action_id, timeout=120):
 
 
 def visible_after(changes, applied):
-    """(commit epoch, seconds until the destination had it) of each change, in action_id
-    order, and how many it has not. A batch writes only the newest change of each
-    employee it holds: one it passed over was in the destination from the moment the
-    next one applied of the same employee was, and is timed to that."""
+    """Of changes given in action_id order: (commit epoch, seconds until the destination
+    had it) of each it has, and how many it has not. A batch writes only the newest
+    change of each employee it holds: one it passed over is timed to the next change of
+    that employee the destination wrote, which carried it forward."""
     samples, missing = [], 0
     applied_next = {}  # emp_id: applied epoch of its next change the destination wrote
     for emp_id, salary, at in reversed(changes):
