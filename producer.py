@@ -115,12 +115,16 @@ RELAX = 1.1
 # the same whatever the batch holds (librdkafka sends one produce request per partition,
 # and each wakes the consumer's fetch). At 1,000 changes/s a batch holds 5-10 changes:
 # 0.6 ms a change gave p50 6.4 ms against 11.4-12.2 with 1 ms, for 45% more CPU at that
-# rate. From about 1,700 changes/s the cap sets how many batches a second there are,
-# each costing the pipeline some 6 ms of CPU in all: 8 pgbench clients of one-row
-# UPDATEs, four interleaved runs each, got 5,772-6,643 tps (mean 6,259) with 100 ms
-# against 4,938-6,115 (mean 5,628) with 30 ms, the pipeline taking a fifth less CPU;
-# as fast as 8 writers go, p50 96 ms against 44 (README, "Figures on this machine").
+# rate. Under a steady flow of more than about 1,700 changes/s the cap sets how many
+# batches a second there are, each costing the pipeline some 6 ms of CPU in all: 8
+# pgbench clients of one-row UPDATEs, four interleaved runs each, got 5,772-6,643 tps
+# (mean 6,259) with 100 ms against 4,938-6,115 (mean 5,628) with 30 ms, the pipeline
+# taking a fifth less CPU; as fast as 8 writers go, p50 96 ms against 44 (README,
+# "Figures on this machine"). The batch after a stall of a slower flow (a checkpoint, a
+# pause of the machine) holds what piled up meanwhile: its gather stops at
+# GATHER_BURST_MAX, and GATHER_MAX applies only to a batch after one that reached it.
 GATHER_PER_CHANGE = 0.0006  # seconds
+GATHER_BURST_MAX = 0.03  # seconds
 GATHER_MAX = 0.1  # seconds
 
 SAVE_PROGRESS = """
@@ -202,6 +206,7 @@ class CdcProducer:
         config.check_topics(self.kafka, settings, [settings.topic, settings.dlq_topic], self.stop)
         failures = 0
         idle = False
+        pouring = False  # whether the last batch's gather reached GATHER_BURST_MAX
         while not self.stop.requested:
             try:
                 if self.db is None:
@@ -211,12 +216,14 @@ class CdcProducer:
                 elif published := self.work():
                     idle = False
                     if published < settings.batch_size:
-                        self.stop.sleep(min(published * GATHER_PER_CHANGE, GATHER_MAX))
+                        gather = published * GATHER_PER_CHANGE
+                        self.stop.sleep(min(gather, GATHER_MAX if pouring else GATHER_BURST_MAX))
+                        pouring = gather >= GATHER_BURST_MAX
                 else:
                     if not idle:
                         log.info("No new CDC records found. Polling for a commit (at most %g seconds apart)...",
                                  settings.poll_interval)
-                    idle = True
+                    idle, pouring = True, False
                     self.wait_for_changes()
                 failures = 0
             except config.ConfigError:
