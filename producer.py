@@ -122,7 +122,7 @@ RELAX = 1.1
 # taking a fifth less CPU; as fast as 8 writers go, p50 96 ms against 44 (README,
 # "Figures on this machine"). The batch after a stall of a slower flow (a checkpoint, a
 # pause of the machine) holds what piled up meanwhile: its gather stops at
-# GATHER_BURST_MAX, and GATHER_MAX applies only to a batch after one that reached it.
+# GATHER_BURST_MAX; GATHER_MAX applies only after a batch whose gather reached that.
 GATHER_PER_CHANGE = 0.0006  # seconds
 GATHER_BURST_MAX = 0.03  # seconds
 GATHER_MAX = 0.1  # seconds
