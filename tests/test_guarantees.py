@@ -303,10 +303,12 @@ def test_a_million_changes_in_one_transaction(pipeline):
     wait_until(lambda: query("dest", "SELECT count(*) FROM employees") == [(1000000,)], 300,
                "a million changes to reach the destination", pipeline.daemons)
     assert checksum("dest") == checksum("source")
-    # Streamed, not loaded whole: a million changes are over 150 MB of JSON.
+    # Streamed, not loaded whole: a million changes are over 150 MB of JSON. Each daemon
+    # stays within 100 MB whatever the backlog (the consumer peaked at 94-103 MB before
+    # its fetches were cut to 128 KB a partition, 68 MB after).
     peaks = peak_rss_mb(producer), peak_rss_mb(consumer)
     print("peak resident memory: producer %.0f MB, consumer %.0f MB" % peaks)
-    assert max(peaks) < 200
+    assert max(peaks) <= 100
 
 
 def test_three_consumers_share_the_partitions_and_survive_a_kill(pipeline):
