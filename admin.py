@@ -27,6 +27,7 @@ skips a change older than the one it already applied.
 import argparse
 import sys
 import time
+from collections import deque
 
 import psycopg2
 from confluent_kafka import (ConsumerGroupTopicPartitions, KafkaError,
@@ -180,19 +181,23 @@ def _matches(entry, settings):
     return settings.error is None or settings.error.lower() in searched
 
 
-def selected_entries(settings):
-    entries, replayed = replay.read_dlq(settings)
-    return [entry for entry in entries if _matches(entry, settings)
-            and (settings.all or (entry.partition, entry.offset) not in replayed)], replayed
+def _selected(entries, replayed, settings):
+    return (entry for entry in entries if _matches(entry, settings)
+            and (settings.all or entry.position not in replayed))
 
 
 def dlq_list(admin, settings):
-    entries, replayed = selected_entries(settings)
-    print(f"{len(entries)} DLQ record(s) in {settings.dlq_topic}"
+    # The newest --limit are kept as the DLQ is read, not all of it.
+    with replay.read_dlq(settings) as (replayed, entries):
+        shown, count = deque(maxlen=settings.limit or None), 0
+        for entry in _selected(entries, replayed, settings):
+            shown.append(entry)
+            count += 1
+    print(f"{count} DLQ record(s) in {settings.dlq_topic}"
           + ("" if settings.all else " not yet replayed (--all shows those too)"))
-    for entry in reversed(entries[-settings.limit:] if settings.limit else entries):
+    for entry in reversed(shown):
         print()
-        _print_entry(entry, (entry.partition, entry.offset) in replayed)
+        _print_entry(entry, entry.position in replayed)
 
 
 def _print_entry(entry, was_replayed):
@@ -214,19 +219,19 @@ def _print_entry(entry, was_replayed):
 
 
 def dlq_count(admin, settings):
-    entries, _ = selected_entries(settings)
-    print(len(entries))
+    with replay.read_dlq(settings) as (replayed, entries):
+        print(sum(1 for _ in _selected(entries, replayed, settings)))
 
 
 def dlq_replay(admin, settings):
-    entries, _ = selected_entries(settings)
-    entries = [entry for entry in entries if entry.record is not None]
-    if not entries:
+    producer = Producer(config.producer_config(settings, "cdc-admin-replay"))
+    with replay.read_dlq(settings) as (replayed, entries):
+        count = replay.replay(settings, producer, (
+            entry for entry in _selected(entries, replayed, settings) if entry.record is not None))
+    if not count:
         print(f"Nothing to replay from {settings.dlq_topic}.")
         return 0
-    producer = Producer(config.producer_config(settings, "cdc-admin-replay"))
-    replay.replay(settings, producer, entries)
-    print(f"Replayed {len(entries)} messages from {settings.dlq_topic} to {settings.topic}.")
+    print(f"Replayed {count} messages from {settings.dlq_topic} to {settings.topic}.")
     return 0
 
 

@@ -537,20 +537,19 @@ class CdcConsumer:
         if not self.appliers[0].reachable():
             return
         try:
-            entries, replayed = replay.read_dlq(self.settings)
-            parked = [entry for entry in entries if entry.position not in replayed
-                      and self.parked_while_unreachable(entry)]
-            if parked:
-                replay.replay(self.settings, self.dlq, parked)
-                metrics.REDRIVEN.inc(len(parked))
+            with replay.read_dlq(self.settings) as (replayed, entries):
+                parked = replay.replay(self.settings, self.dlq, (
+                    entry for entry in entries if entry.position not in replayed
+                    and self.parked_while_unreachable(entry)))
         except replay.ReplayError as error:
             log.error("Could not re-drive the DLQ: %s; trying again in %g seconds",
                       error, self.settings.redrive_interval)
             return
+        metrics.REDRIVEN.inc(parked)
         self.redrive_due = False
         if parked:
             log.info("The destination answers again: re-drove %d messages parked while it did "
-                     "not, from %s to %s.", len(parked), self.settings.dlq_topic, self.settings.topic)
+                     "not, from %s to %s.", parked, self.settings.dlq_topic, self.settings.topic)
 
     def parked_while_unreachable(self, entry):
         record = entry.record or {}

@@ -1,15 +1,19 @@
 """Reading the DLQ and replaying its records to the main topic: `admin.py dlq replay`
 and the consumer's re-drive after an outage share this.
 
-A replay republishes each record's original key and value, then writes markers to
-the DLQ naming the records replayed, as ranges of offsets, at most MARKER_RANGES a
-marker, so that a marker stays far below Kafka's 1 MB whatever is replayed. The
-markers come after the replayed messages are acknowledged: a crash in between
-replays them again, which the consumer's version gate makes harmless.
+Both read the DLQ as it goes, never all of it at once, and replay it a chunk at a
+time: each chunk's original keys and values are republished, then a marker written to
+the DLQ names the chunk's records as ranges of offsets (at most REPLAY_CHUNK of them,
+so far below Kafka's 1 MB). A marker comes after its chunk is acknowledged: a crash in
+between replays the chunk again, which the consumer's version gate makes harmless.
 """
 
 import json
+import math
 import time
+from bisect import bisect_right
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import groupby
@@ -22,7 +26,11 @@ import dlq
 TIMEOUT = 10  # seconds for any answer from Kafka
 REPLAYED = "dlq.replayed"  # header of the marker records
 REPLAYED_FROM = "dlq.replayed_from"  # header of a replayed message: dlq topic:partition:offset
-MARKER_RANGES = 5000  # ranges of offsets per marker: under 100 KB, the broker takes 1 MB
+# Records replayed, then marked, at a time, fewer when their values reach
+# REPLAY_CHUNK_BYTES: a consumer re-driving 100,000 records peaked at 499 MB when all
+# were read first, 95 MB with chunks of 5,000, 79 MB with 1,000.
+REPLAY_CHUNK = 1000
+REPLAY_CHUNK_BYTES = 4_000_000
 READ_BATCH = 1000  # messages read from the DLQ per call
 READ_WAIT = 0.2  # seconds a call waits for them
 # The group.id the DLQ's readers carry (admin.py dlq, the consumer's re-drive): they
@@ -56,28 +64,77 @@ class DlqEntry:
         return self.partition, self.offset
 
 
+class ReplayedPositions:
+    """The DLQ positions its markers say were replayed, as runs of offsets per
+    partition: records replayed in offset order take one run however many they are,
+    where a set of a million positions takes 124 MB."""
+
+    def __init__(self):
+        self.runs = defaultdict(list)  # partition: [(first, last)], sorted and merged
+
+    def add(self, partition, first, last):
+        runs = self.runs[partition]
+        # Markers mostly come in offset order: such a run extends the last one.
+        if runs and runs[-1][0] <= first <= runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], max(runs[-1][1], last))
+        else:
+            runs.append((first, last))
+
+    def merge(self):
+        for partition, runs in self.runs.items():
+            merged = []
+            for first, last in sorted(runs):
+                if merged and first <= merged[-1][1] + 1:
+                    merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+                else:
+                    merged.append((first, last))
+            self.runs[partition] = merged
+
+    def __contains__(self, position):
+        partition, offset = position
+        runs = self.runs.get(partition, [])
+        index = bisect_right(runs, (offset, math.inf)) - 1
+        return index >= 0 and runs[index][0] <= offset <= runs[index][1]
+
+
+@contextmanager
 def read_dlq(settings):
-    """The DLQ's records oldest first, without the markers, and the set of
-    (partition, offset) the markers say were replayed."""
+    """The DLQ as (replayed, entries): the positions its markers say were replayed,
+    read first, and its other records oldest first, read as `entries` is iterated,
+    so that a reader's memory stays small whatever the DLQ holds."""
+    # The reader prefetches a few MB, not librdkafka's 64 MB: the consumer re-drives
+    # in its own process.
     reader = Consumer(config.kafka_config(settings, **{
-        "group.id": READER_GROUP, "enable.auto.commit": False}))
+        "group.id": READER_GROUP, "enable.auto.commit": False,
+        "queued.max.messages.kbytes": 4096, "max.partition.fetch.bytes": 262144,
+        "fetch.queue.backoff.ms": 10}))
     try:
         topic = reader.list_topics(settings.dlq_topic, timeout=TIMEOUT).topics[settings.dlq_topic]
         if topic.error is not None:
             raise ReplayError(f"DLQ topic {settings.dlq_topic!r}: {topic.error.str()}")
-        entries, replayed = [], set()
-        for partition in sorted(topic.partitions):
-            for message in _read_partition(reader, settings.dlq_topic, partition):
-                headers = {name: value.decode("utf-8", "replace")
-                           for name, value in message.headers() or []}
-                if REPLAYED in headers:
-                    replayed.update(_replayed_positions(json.loads(message.value())))
-                else:
-                    entries.append(DlqEntry(partition, message.offset(), message.key(),
-                                            message.value(), headers))
-        return entries, replayed
+        partitions = sorted(topic.partitions)
+        replayed = ReplayedPositions()
+        for message in _read_partitions(reader, settings.dlq_topic, partitions):
+            if _is_marker(message):
+                for partition, first, last in _replayed_ranges(json.loads(message.value())):
+                    replayed.add(partition, first, last)
+        replayed.merge()
+        yield replayed, (DlqEntry(message.partition(), message.offset(), message.key(), message.value(),
+                                  {name: value.decode("utf-8", "replace")
+                                   for name, value in message.headers() or []})
+                         for message in _read_partitions(reader, settings.dlq_topic, partitions)
+                         if not _is_marker(message))
     finally:
         reader.close()
+
+
+def _is_marker(message):
+    return any(name == REPLAYED for name, _ in message.headers() or [])
+
+
+def _read_partitions(reader, topic, partitions):
+    for partition in partitions:
+        yield from _read_partition(reader, topic, partition)
 
 
 def _read_partition(reader, topic, partition):
@@ -103,13 +160,11 @@ def _read_partition(reader, topic, partition):
                 return
 
 
-def _replayed_positions(marker):
+def _replayed_ranges(marker):
     # "replayed": [[partition, offset], ...] is the form markers had before the ranges.
     for partition, offset in marker.get("replayed", []):
-        yield partition, offset
-    for partition, first, last in marker.get("replayed_ranges", []):
-        for offset in range(first, last + 1):
-            yield partition, offset
+        yield partition, offset, offset
+    yield from marker.get("replayed_ranges", [])
 
 
 def offset_ranges(entries):
@@ -125,20 +180,37 @@ def offset_ranges(entries):
 
 
 def replay(settings, producer, entries):
-    """Republishes the entries' originals to the main topic and marks them replayed;
-    raises ReplayError if Kafka did not take them all."""
+    """Replays the entries (an iterable, read as it goes) a chunk at a time; returns how
+    many were replayed, or raises ReplayError, the chunks before it marked replayed."""
+    replayed = 0
+    for chunk in _chunks(entries):
+        _replay_chunk(settings, producer, chunk)
+        replayed += len(chunk)
+    return replayed
+
+
+def _chunks(entries):
+    chunk, size = [], 0
+    for entry in entries:
+        chunk.append(entry)
+        size += len(entry.value or b"")
+        if len(chunk) == REPLAY_CHUNK or size >= REPLAY_CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _replay_chunk(settings, producer, entries):
     messages = [(dlq.original(entry.record, "original_key"), dlq.original(entry.record, "original_value"),
                  [(REPLAYED_FROM, f"{settings.dlq_topic}:{entry.partition}:{entry.offset}")])
                 for entry in entries]
     refused = config.deliver(producer, settings.topic, messages)
     if refused:
         raise ReplayError(f"{settings.topic} refused {len(refused)} of {len(messages)} "
-                          f"messages ({refused[0][0].str()}); nothing was marked replayed")
-    ranges = offset_ranges(entries)
-    markers = [(None, json.dumps({"replayed_ranges": ranges[start:start + MARKER_RANGES],
-                                  "to_topic": settings.topic, "timestamp": time.time()}).encode(),
-                [(REPLAYED, b"1")])
-               for start in range(0, len(ranges), MARKER_RANGES)]
-    if config.deliver(producer, settings.dlq_topic, markers):
-        raise ReplayError(f"replayed {len(entries)} messages, but could not mark them all in "
+                          f"messages ({refused[0][0].str()}); those were not marked replayed")
+    marker = json.dumps({"replayed_ranges": offset_ranges(entries), "to_topic": settings.topic,
+                         "timestamp": time.time()}).encode()
+    if config.deliver(producer, settings.dlq_topic, [(None, marker, [(REPLAYED, b"1")])]):
+        raise ReplayError(f"replayed {len(entries)} messages, but could not mark them in "
                           f"{settings.dlq_topic}; a second replay will send those again")

@@ -148,10 +148,14 @@ def _destination(settings):
 
 
 def _dlq(settings):
-    entries, replayed = replay.read_dlq(settings)
-    waiting = [entry for entry in entries if entry.position not in replayed]
-    oldest = min((entry.record or {}).get("timestamp") or time.time() for entry in waiting) if waiting else None
-    return {"topic": settings.dlq_topic, "not_replayed": len(waiting),
+    waiting, oldest = 0, None
+    with replay.read_dlq(settings) as (replayed, entries):
+        for entry in entries:
+            if entry.position not in replayed:
+                waiting += 1
+                parked_at = (entry.record or {}).get("timestamp") or time.time()
+                oldest = parked_at if oldest is None else min(oldest, parked_at)
+    return {"topic": settings.dlq_topic, "not_replayed": waiting,
             "oldest_seconds": None if oldest is None else round(time.time() - oldest, 1)}
 
 

@@ -1,17 +1,19 @@
-"""admin.py dlq replay at scale: the markers stay bounded however many records are
-replayed, and what was replayed is never sent again."""
+"""Replay at scale, by admin.py dlq replay and by the consumer's re-drive: the markers
+and the memory stay bounded however many records are replayed, and what was replayed is
+never sent again."""
 
 import json
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from conftest import KAFKA
+from conftest import KAFKA, query, wait_until
 from test_dlq import admin
+from test_guarantees import peak_rss_mb
 
 PARKED = 100_000
 
 
-def park(pipeline, count):
+def park(pipeline, count, headers=None):
     """DLQ records as the consumer writes them; every other one's error says 'odd'."""
     producer = Producer({"bootstrap.servers": KAFKA, "linger.ms": 50})
     for number in range(count):
@@ -23,7 +25,7 @@ def park(pipeline, count):
         while True:
             try:
                 producer.produce(pipeline.dlq_topic, key=str(number + 1).encode(),
-                                 value=json.dumps(record).encode())
+                                 value=json.dumps(record).encode(), headers=headers)
                 break
             except BufferError:
                 producer.poll(0.1)
@@ -71,5 +73,17 @@ def test_replay_of_100000_parked_records_marks_them_all(pipeline):
     assert sum(end_offsets(pipeline.topic)) == PARKED
     markers = read_from(pipeline.dlq_topic, 0, PARKED)
     assert all(dict(marker.headers())["dlq.replayed"] == b"1" for marker in markers)
-    assert len(markers) == 20  # each replay: 50,000 single offsets, 5,000 ranges a marker
+    assert len(markers) == 100  # each replay: 50,000 records, a marker per 1,000
     assert max(len(marker.value()) for marker in markers) < 200_000
+
+
+def test_consumer_redrives_100000_parked_records_within_100_mb(pipeline):
+    # As the consumer parks what the destination did not answer for.
+    park(pipeline, PARKED, headers={"dlq.stage": "consumer", "dlq.error_class": "OperationalError",
+                                    "dlq.attempts": "4"})
+    consumer = pipeline.consumer(REDRIVE_INTERVAL="1")
+    consumer.wait_for_log(f"re-drove {PARKED} messages", timeout=300)
+    wait_until(lambda: query("dest", "SELECT count(*) FROM employees") == [(PARKED,)], 300,
+               "the re-driven changes in the destination", [consumer])
+    assert peak_rss_mb(consumer) <= 100
+    assert admin(pipeline, "dlq", "count").stdout.strip() == "0"
