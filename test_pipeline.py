@@ -158,17 +158,25 @@ def kafka_reader(run):
 
 def assign_since_start(run, reader, topic):
     """Assigns reader every partition of topic from the first message produced since
-    the run started (the end, if none was); returns the assignment."""
+    the run started (its end before this call, if none was); returns the assignment."""
     topics = reader.list_topics(timeout=run.timeout).topics
     if topic not in topics:
         raise CheckFailed(f"Topic {topic!r} does not exist")
     since_ms = run.started_ms - CLOCK_SKEW_MS
+    # The ends are taken before the lookup by time: a partition with nothing since the
+    # start is read from that end, so a message that comes meanwhile is read too (from
+    # the end librdkafka finds at assignment, a DLQ record parked by then was missed).
+    ends = {partition: reader.get_watermark_offsets(TopicPartition(topic, partition),
+                                                    timeout=run.timeout)[1]
+            for partition in topics[topic].partitions}
     starts = reader.offsets_for_times(
         [TopicPartition(topic, partition, since_ms) for partition in topics[topic].partitions],
         timeout=run.timeout)
     for start in starts:
         if start.error is not None:
             raise KafkaException(start.error)
+        if start.offset < 0:
+            start.offset = ends[start.partition]
     reader.assign(starts)
     return starts
 
@@ -181,7 +189,7 @@ def messages_since_start(run, topic):
         ends = {}
         for start in assign_since_start(run, reader, topic):
             end = reader.get_watermark_offsets(start, timeout=run.timeout)[1]
-            if 0 <= start.offset < end:  # offset -1: nothing produced since the start
+            if start.offset < end:
                 ends[start.partition] = end
         messages = []
         deadline = time.monotonic() + run.timeout

@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from contextlib import closing
 
+from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 import config
@@ -194,6 +195,40 @@ def test_test_pipeline_script_passes_against_a_running_pipeline(pipeline):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Results: 7/7 tests passed" in result.stdout
     assert "All tests passed!" in result.stdout
+
+
+def test_test_pipeline_reads_what_comes_while_it_starts_reading(pipeline):
+    """Test 7 looks up where the DLQ stood, then reads from there: a record parked
+    between the lookup and the reader's assignment is read too (CI once missed one)."""
+    import test_pipeline
+    run = test_pipeline.Run(test_pipeline.parse_settings(
+        ["--bootstrap-servers", KAFKA, "--topic", pipeline.topic, "--dlq-topic", pipeline.dlq_topic]))
+    producer = Producer({"bootstrap.servers": KAFKA})
+
+    class ParkedMeanwhile:
+        """The reader, with a record parked right after it looked up where to start."""
+
+        def __init__(self, reader):
+            self.reader = reader
+
+        def __getattr__(self, name):
+            return getattr(self.reader, name)
+
+        def offsets_for_times(self, *args, **kwargs):
+            starts = self.reader.offsets_for_times(*args, **kwargs)
+            producer.produce(pipeline.dlq_topic, value=b"parked meanwhile")
+            assert producer.flush(10) == 0
+            return starts
+
+    reader = test_pipeline.kafka_reader(run)
+    try:
+        test_pipeline.assign_since_start(run, ParkedMeanwhile(reader), pipeline.dlq_topic)
+        deadline, values = time.monotonic() + 10, []
+        while not values and time.monotonic() < deadline:
+            values = [message.value() for message in reader.consume(10, 0.2) if not message.error()]
+        assert values == [b"parked meanwhile"]
+    finally:
+        reader.close()
 
 
 def test_test_pipeline_script_fails_without_a_consumer(pipeline):
