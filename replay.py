@@ -70,17 +70,13 @@ class ReplayedPositions:
     where a set of a million positions takes 124 MB."""
 
     def __init__(self):
-        self.runs = defaultdict(list)  # partition: [(first, last)], sorted and merged
+        self.runs = defaultdict(list)  # partition: [(first, last)]
 
     def add(self, partition, first, last):
-        runs = self.runs[partition]
-        # Markers mostly come in offset order: such a run extends the last one.
-        if runs and runs[-1][0] <= first <= runs[-1][1] + 1:
-            runs[-1] = (runs[-1][0], max(runs[-1][1], last))
-        else:
-            runs.append((first, last))
+        self.runs[partition].append((first, last))
 
     def merge(self):
+        """Sorts and joins the runs added; before any `in`."""
         for partition, runs in self.runs.items():
             merged = []
             for first, last in sorted(runs):
@@ -142,22 +138,23 @@ def _read_partition(reader, topic, partition):
     if high <= low:
         return
     reader.assign([TopicPartition(topic, partition, low)])
-    last_answer = time.monotonic()
+    asked_since = time.monotonic()
     while True:
         # consume() waits its whole timeout for a batch it cannot fill: short waits,
         # so that a DLQ of a few records is read at once.
         messages = reader.consume(READ_BATCH, READ_WAIT)
         if not messages:
-            if time.monotonic() - last_answer > TIMEOUT:
+            if time.monotonic() - asked_since > TIMEOUT:
                 raise ReplayError(f"{topic} [{partition}]: no answer from Kafka in {TIMEOUT} s")
             continue
-        last_answer = time.monotonic()
         for message in messages:
             if message.error():
                 raise KafkaException(message.error())
             yield message
             if message.offset() >= high - 1:
                 return
+        # From here: the time the caller took over the batch (a replay) is not Kafka's.
+        asked_since = time.monotonic()
 
 
 def _replayed_ranges(marker):
