@@ -36,11 +36,13 @@ PRODUCER_LOCK = 0x62665F636463  # advisory lock key held by the active producer 
 
 # `since` is the saved snapshot, or `published`, one the producer has published up to
 # and not saved yet. `in_progress` is its xip list, as a literal for FETCH_BATCH: the
-# planner then knows how few rows it selects and probes the index.
+# planner then knows how few rows it selects and probes the index. `written` is where
+# the source's WAL ends just after `until` is taken (a select list is computed left to
+# right): every transaction visible in `until` wrote its commit record before it.
 LOAD_BATCH = """
 SELECT since::text, ARRAY(SELECT pg_snapshot_xip(since))::text,
        COALESCE(batch_snapshot, pg_current_snapshot())::text,
-       batch_action_id, batch_snapshot IS NOT NULL
+       batch_action_id, batch_snapshot IS NOT NULL, pg_current_wal_insert_lsn()::text
 FROM cdc_offset CROSS JOIN LATERAL (SELECT COALESCE(%(published)s::pg_snapshot, snapshot) AS since) AS batch
 WHERE id = 1
 """
@@ -49,8 +51,8 @@ WHERE id = 1
 # is not visible in `since` when it began at or after its xmax, or was in progress at it
 # (its xip list, `in_progress`): two probes of emp_cdc_txid, so a batch reads what it
 # holds, however long ago the oldest transaction still open (the xmin of `since`) began.
+CHANGE_COLUMNS = "action_id, emp_id, first_name, last_name, dob::text, city, salary, action"
 BATCH_CHANGES = """
-SELECT action_id, emp_id, first_name, last_name, dob::text, city, salary, action
 FROM emp_cdc
 WHERE (txid >= pg_snapshot_xmax(%(since)s::pg_snapshot)
        OR txid = ANY (%(in_progress)s::xid8[]))
@@ -58,30 +60,34 @@ WHERE (txid >= pg_snapshot_xmax(%(since)s::pg_snapshot)
   AND pg_visible_in_snapshot(txid, %(until)s::pg_snapshot)
   AND action_id > %(after)s
 """
-FETCH_BATCH = BATCH_CHANGES + "ORDER BY action_id"
+FETCH_BATCH = f"SELECT {CHANGE_COLUMNS} {BATCH_CHANGES} ORDER BY action_id"
 # Its first chunk: a batch is most often a few changes, and one statement on the
 # autocommit connection reads them all (a server-side cursor took six round trips to
 # the source, two fifths of the producer's time at 1,000 changes/s). `+ 0` keeps the
 # planner off the primary key: to fill the LIMIT of a large batch it walked emp_cdc
 # from its oldest row, through every change still kept (1,000,000 older rows: 313 ms;
 # sorted from the txid index: 123 ms).
-FETCH_FIRST = BATCH_CHANGES + "ORDER BY action_id + 0 LIMIT %(size)s"
-
-# Whether the source's WAL is flushed up to where it ends now, read once a batch has
-# changes (after its snapshot was taken): every transaction visible in the snapshot
-# wrote its commit record before that point. A writer with synchronous_commit = off is
-# visible before its commit is on disk, and a crash of the source forgets it; the
-# producer publishes only what the source has flushed, so the destination never holds
-# a change the source forgot (one crash of such a source under 4 writers left 7 rows in
-# the destination that the source had not).
-FLUSHED = "SELECT pg_current_wal_flush_lsn() >= pg_current_wal_insert_lsn()"
-# When it is not, a commit of the producer's own flushes it, as a synchronous commit
-# flushes all the WAL before its commit record. It writes a logical decoding message
-# (any role may, whatever wal_level), because a transaction that wrote no WAL commits
-# without a flush. Waiting for the WAL writer instead took up to wal_writer_delay
-# (200 ms) whenever WAL followed the last writer's commit with no commit after it, such
-# as the pruning of cdc_offset's dead versions by the producer's own reads: the 95th
-# percentile of single-row inserts on an idle source was 209-211 ms against 6-14 ms.
+#
+# Each row also says whether the source's WAL is flushed as far as `written`. A writer
+# with synchronous_commit = off is visible before its commit is on disk, and a crash
+# of the source forgets it; the producer publishes only what the source has flushed, so
+# the destination never holds a change the source forgot (one crash of such a source
+# under 4 writers left 7 rows in the destination that the source had not). Asked in
+# this statement, not one of its own, which saves a round trip per batch; and only as
+# far as the WAL went when `until` was taken, not as far as it goes when asked, which
+# spares some flushes of WAL that the writers' next commits flush anyway (asked by a
+# statement of its own as far as the WAL went then, a third of the batches at 1,000
+# changes/s flushed).
+FETCH_FIRST = (f"SELECT {CHANGE_COLUMNS}, pg_current_wal_flush_lsn() >= %(written)s::pg_lsn "
+               f"{BATCH_CHANGES} ORDER BY action_id + 0 LIMIT %(size)s")
+# When the WAL is not flushed that far, a commit of the producer's own flushes it, as
+# a synchronous commit flushes all the WAL before its commit record. It writes a
+# logical decoding message (any role may, whatever wal_level), because a transaction
+# that wrote no WAL commits without a flush. Waiting for the WAL writer instead took up
+# to wal_writer_delay (200 ms) whenever WAL followed the last writer's commit with no
+# commit after it, such as the pruning of cdc_offset's dead versions by the producer's
+# own reads: the 95th percentile of single-row inserts on an idle source was 209-211 ms
+# against 6-14 ms.
 # `local`: a synchronous standby that is down does not hold publishing back.
 FLUSH_FUNCTION = "pg_logical_emit_message(boolean, text, text)"
 FLUSH = """
@@ -326,16 +332,14 @@ class CdcProducer:
         A stop leaves the batch open, to be finished by the next run."""
         with self.db.cursor() as cursor:
             cursor.execute(LOAD_BATCH, {"published": self.published})
-            since, in_progress, until, after, batch_open = cursor.fetchone()
+            since, in_progress, until, after, batch_open, written = cursor.fetchone()
         published = 0
         # closing(): the server-side cursor's transaction ends here, however work() ends
         # (a stop, a PublishError), not later when the generator is collected.
-        with closing(self.batch_chunks({"since": since, "in_progress": in_progress,
-                                        "until": until, "after": after})) as chunks:
+        with closing(self.batch_chunks({"since": since, "in_progress": in_progress, "until": until,
+                                        "after": after, "written": written})) as chunks:
             for rows in chunks:
                 started = time.monotonic()
-                if not published:
-                    self.flush_wal()
                 self.publish(rows)
                 published += len(rows)
                 self.published_unsaved += len(rows)
@@ -362,16 +366,20 @@ class CdcProducer:
         return published
 
     def batch_chunks(self, batch):
-        """The batch's changes, BATCH_SIZE at a time: the first chunk by one statement,
-        the rest of a batch larger than that (a statement that changed a million rows)
-        through a server-side cursor, so that memory stays bounded."""
+        """The batch's changes, BATCH_SIZE at a time, each on disk at the source: the
+        first chunk by one statement, the rest of a batch larger than that (a statement
+        that changed a million rows) through a server-side cursor, so that memory stays
+        bounded."""
         size = self.settings.batch_size
         with self.db.cursor() as cursor:
             cursor.execute(FETCH_FIRST, {**batch, "size": size})
             rows = cursor.fetchall()
-        if not rows:
-            return
-        yield rows
+            if not rows:
+                return
+            # The WAL flushed is only ever more: one row that saw it is enough.
+            if not any(flushed for *_, flushed in rows):
+                cursor.execute(FLUSH)
+        yield [row[:-1] for row in rows]
         if len(rows) < size:
             return
         with self.reader, self.reader.cursor("emp_cdc_batch") as cursor:
@@ -451,13 +459,6 @@ class CdcProducer:
                            error=f"action_id={fields['action_id']}: {error}", stage="producer",
                            error_class=type(error).__name__, attempts=1,
                            action_id=fields["action_id"])
-
-    def flush_wal(self):
-        """Makes sure the source's WAL is on disk up to where it ends now."""
-        with self.db.cursor() as cursor:
-            cursor.execute(FLUSHED)
-            if not cursor.fetchone()[0]:
-                cursor.execute(FLUSH)
 
     def wait_for_changes(self):
         """Returns when emp_cdc holds committed changes past the watermark, when a
