@@ -37,13 +37,16 @@ PRODUCER_LOCK = 0x62665F636463  # advisory lock key held by the active producer 
 # `since` is the saved snapshot, or `published`, one the producer has published up to
 # and not saved yet. `in_progress` is its xip list, as a literal for FETCH_BATCH: the
 # planner then knows how few rows it selects and probes the index. `written` is where
-# the source's WAL ends just after `until` is taken (a select list is computed left to
-# right): every transaction visible in `until` wrote its commit record before it.
+# the source's WAL ends once `until` is taken: every transaction visible in `until`
+# wrote its commit record before it. PostgreSQL does not promise an order to the
+# expressions of one select list, so `until` is taken in a subquery that OFFSET 0 keeps
+# apart, whose row exists before the outer select list is computed.
 LOAD_BATCH = """
-SELECT since::text, ARRAY(SELECT pg_snapshot_xip(since))::text,
-       COALESCE(batch_snapshot, pg_current_snapshot())::text,
+SELECT since::text, ARRAY(SELECT pg_snapshot_xip(since))::text, until::text,
        batch_action_id, batch_snapshot IS NOT NULL, pg_current_wal_insert_lsn()::text
-FROM cdc_offset CROSS JOIN LATERAL (SELECT COALESCE(%(published)s::pg_snapshot, snapshot) AS since) AS batch
+FROM cdc_offset
+CROSS JOIN LATERAL (SELECT COALESCE(%(published)s::pg_snapshot, snapshot) AS since) AS batch
+CROSS JOIN LATERAL (SELECT COALESCE(batch_snapshot, pg_current_snapshot()) AS until OFFSET 0) AS taken
 WHERE id = 1
 """
 
