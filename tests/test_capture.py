@@ -141,3 +141,33 @@ def test_a_large_batch_behind_many_kept_changes_is_not_read_along_the_primary_ke
     # What it read: the batch's 60,000 rows, not the 300,000 before them.
     assert plan[0]["Plan"]["Actual Rows"] == 2000
     assert '"Index Name": "emp_cdc_txid"' in text
+
+
+def plan_nodes(plan):
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from plan_nodes(child)
+
+
+def test_a_purge_reads_its_chunk_not_every_change_kept(pipeline):
+    # Once a minute the producer purges, its loop waiting meanwhile. Asked as one
+    # condition on emp_cdc, the planner read every change kept: through the txid index
+    # when none was past its retention, in a scan of the whole table when all were.
+    chunk = 1000
+    with closing(connect("source")) as db, db.cursor() as cursor:
+        cursor.execute("INSERT INTO emp_cdc (emp_id, first_name, last_name, dob, city, salary, action) "
+                       "SELECT g, 'F', 'L', '1990-01-01', 'C', g, 'UPDATE' FROM generate_series(1, 100000) g")
+        cursor.execute("UPDATE cdc_offset SET snapshot = pg_current_snapshot() WHERE id = 1")
+        cursor.execute("ANALYZE emp_cdc")
+        for retention, purged in ((3600, 0), (0, chunk)):  # none past it, then all
+            cursor.execute("BEGIN")
+            cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + producer.PURGE_PUBLISHED,
+                           {"chunk": chunk, "retention": retention})
+            [(plan,)] = cursor.fetchall()
+            cursor.execute("SELECT count(*) FROM emp_cdc")
+            assert cursor.fetchone() == (100000 - purged,)
+            cursor.execute("ROLLBACK")
+            read = [(node["Node Type"], node["Actual Rows"] * node["Actual Loops"]
+                     + node.get("Rows Removed by Filter", 0))
+                    for node in plan_nodes(plan[0]["Plan"]) if node.get("Relation Name") == "emp_cdc"]
+            assert max(rows for _, rows in read) <= chunk, (retention, read)
