@@ -9,9 +9,10 @@ import sys
 from contextlib import closing
 
 import pytest
+from confluent_kafka.admin import NewTopic
 
 import config
-from conftest import KAFKA, PORTS, ROOT, connect
+from conftest import KAFKA, PORTS, ROOT, connect, query
 
 SCRIPTS = ["producer.py", "consumer.py", "admin.py", "test_pipeline.py"]
 
@@ -62,6 +63,29 @@ def test_flag_beats_environment_beats_dotenv(services, tmp_path, where):
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1] == (f"Error: topic '{expected}' does not exist on this "
                                               f"Kafka; create it with: python admin.py create {expected}")
+
+
+def test_topics_created_just_after_the_daemons_start_are_waited_for(pipeline):
+    # A topic just created reaches the broker's metadata a moment later: daemons started
+    # beside its creation (bench.py, an init container) must not exit saying it is missing.
+    topics = {"KAFKA_TOPIC": f"{pipeline.topic}_late", "KAFKA_DLQ_TOPIC": f"{pipeline.topic}_late_dlq"}
+    daemons = [pipeline.start(script, **topics) for script in ("producer.py", "consumer.py")]
+    for daemon in daemons:
+        daemon.wait_for_log(f"Topic '{topics['KAFKA_TOPIC']}' not found; waiting up to 5 seconds")
+    created = pipeline.admin.create_topics([NewTopic(topics["KAFKA_TOPIC"], 3, 1),
+                                            NewTopic(topics["KAFKA_DLQ_TOPIC"], 1, 1)])
+    try:
+        for future in created.values():
+            future.result()
+        daemons[1].wait_for_log("Assigned partitions")
+        query("source", "INSERT INTO employees VALUES (1, 'Late', 'Topic', '1990-01-01', 'City', 1)")
+        pipeline.wait_for_equal()
+        assert all(daemon.running() for daemon in daemons)
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+        for future in pipeline.admin.delete_topics(list(topics.values())).values():
+            future.result()
 
 
 @pytest.mark.parametrize("setting, value, message", [
