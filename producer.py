@@ -128,8 +128,8 @@ RELAX = 1.1
 # batches a second there are, each costing the pipeline some 6 ms of CPU in all: 8
 # pgbench clients of one-row UPDATEs, four interleaved runs each, got 5,772-6,643 tps
 # (mean 6,259) with 100 ms against 4,938-6,115 (mean 5,628) with 30 ms, the pipeline
-# taking a fifth less CPU; as fast as 8 writers go, p50 96 ms against 44 (README,
-# "Figures on this machine"). The batch after a stall of a slower flow (a checkpoint, a
+# taking a fifth less CPU; as fast as 8 writers go, p50 96 ms against 44
+# (docs/benchmarks.md). The batch after a stall of a slower flow (a checkpoint, a
 # pause of the machine) holds what piled up meanwhile: its gather stops at
 # GATHER_BURST_MAX; GATHER_MAX applies only after a batch whose gather reached that.
 GATHER_PER_CHANGE = 0.0006  # seconds

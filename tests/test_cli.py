@@ -222,6 +222,9 @@ def test_readme_names_every_flag_and_command_and_only_those():
                           *(help_flags("admin.py", *command.split()) for command in commands))
     in_readme = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", readme))
     assert in_readme - in_code - OTHER_PROGRAMS_FLAGS == set(), "in the README, in no script"
+    for doc in sorted((ROOT / "docs").glob("*.md")):
+        in_doc = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", doc.read_text()))
+        assert in_doc - in_code - OTHER_PROGRAMS_FLAGS == set(), f"in {doc.name}, in no script"
     assert in_code - in_readme - {"--help"} == set(), "in a script, not in the README"
     shown = set(re.findall(r"python admin\.py ((?:dlq )?[a-z][a-z-]*)", readme))
     assert set(commands) == shown
