@@ -12,7 +12,7 @@ import json
 import math
 import time
 from bisect import bisect_right
-from collections import defaultdict
+from collections import defaultdict, deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -31,7 +31,12 @@ REPLAYED_FROM = "dlq.replayed_from"  # header of a replayed message: dlq topic:p
 # were read first, 95 MB with chunks of 5,000, 79 MB with 1,000.
 REPLAY_CHUNK = 1000
 REPLAY_CHUNK_BYTES = 4_000_000
-READ_BATCH = 1000  # messages read from the DLQ per call
+# Messages read from the DLQ per call: READ_BATCH at most, fewer while they are large,
+# so that a call's messages come to about READ_BYTES. A call fills its whole count as
+# the prefetch refills behind it: 1,000 records of 100 KB a call took a reader to 218 MB.
+READ_BATCH = 1000
+READ_BYTES = 4_000_000
+READ_FIRST = 10  # messages asked for first, before their size is known
 READ_WAIT = 0.2  # seconds a call waits for them
 # The group.id the DLQ's readers carry (admin.py dlq, the consumer's re-drive): they
 # commit nothing, but librdkafka needs one, and a broker with ACLs must allow it.
@@ -93,17 +98,53 @@ class ReplayedPositions:
         return index >= 0 and runs[index][0] <= offset <= runs[index][1]
 
 
+class Positions:
+    """DLQ positions in the order they were read, as runs of consecutive offsets, so
+    that a million records shown take a few runs, not a million entries; with a
+    `limit`, only the last `limit` of them."""
+
+    def __init__(self, limit=None):
+        self.runs = deque()  # of [partition, first, last]
+        self.limit = limit
+        self.count = 0
+
+    def append(self, position):
+        partition, offset = position
+        last_run = self.runs[-1] if self.runs else None
+        if last_run is not None and last_run[0] == partition and last_run[2] == offset - 1:
+            last_run[2] = offset
+        else:
+            self.runs.append([partition, offset, offset])
+        self.count += 1
+        if self.limit and self.count > self.limit:
+            first_run = self.runs[0]
+            if first_run[1] == first_run[2]:
+                self.runs.popleft()
+            else:
+                first_run[1] += 1
+            self.count -= 1
+
+
+def _reader(settings):
+    # It prefetches a few MB, not librdkafka's 64 MB: the consumer re-drives in its own
+    # process.
+    return Consumer(config.kafka_config(settings, **{
+        "group.id": READER_GROUP, "enable.auto.commit": False,
+        "queued.max.messages.kbytes": 4096, "max.partition.fetch.bytes": 262144,
+        "fetch.queue.backoff.ms": 10}))
+
+
+def _entry(message):
+    return DlqEntry(message.partition(), message.offset(), message.key(), message.value(),
+                    {name: value.decode("utf-8", "replace") for name, value in message.headers() or []})
+
+
 @contextmanager
 def read_dlq(settings):
     """The DLQ as (replayed, entries): the positions its markers say were replayed,
     read first, and its other records oldest first, read as `entries` is iterated,
     so that a reader's memory stays small whatever the DLQ holds."""
-    # The reader prefetches a few MB, not librdkafka's 64 MB: the consumer re-drives
-    # in its own process.
-    reader = Consumer(config.kafka_config(settings, **{
-        "group.id": READER_GROUP, "enable.auto.commit": False,
-        "queued.max.messages.kbytes": 4096, "max.partition.fetch.bytes": 262144,
-        "fetch.queue.backoff.ms": 10}))
+    reader = _reader(settings)
     try:
         topic = reader.list_topics(settings.dlq_topic, timeout=TIMEOUT).topics[settings.dlq_topic]
         if topic.error is not None:
@@ -115,11 +156,27 @@ def read_dlq(settings):
                 for partition, first, last in _replayed_ranges(json.loads(message.value())):
                     replayed.add(partition, first, last)
         replayed.merge()
-        yield replayed, (DlqEntry(message.partition(), message.offset(), message.key(), message.value(),
-                                  {name: value.decode("utf-8", "replace")
-                                   for name, value in message.headers() or []})
-                         for message in _read_partitions(reader, settings.dlq_topic, partitions)
+        yield replayed, (_entry(message) for message in _read_partitions(reader, settings.dlq_topic, partitions)
                          if not _is_marker(message))
+    finally:
+        reader.close()
+
+
+def read_newest_first(settings, positions, summarize):
+    """summarize(entry) of the DLQ's records at `positions` (Positions), newest first.
+    They are read again a window of READ_BATCH at a time, oldest first within it, and
+    only their summaries are kept until the window is handed over reversed: records of
+    up to a megabyte each never pile up."""
+    reader = _reader(settings)
+    try:
+        for partition, first, last in reversed(positions.runs):
+            window_last = last
+            while window_last >= first:
+                window_first = max(first, window_last - READ_BATCH + 1)
+                summaries = [summarize(_entry(message)) for message in _read_partition(
+                    reader, settings.dlq_topic, partition, window_first, window_last)]
+                yield from reversed(summaries)
+                window_last = window_first - 1
     finally:
         reader.close()
 
@@ -133,25 +190,38 @@ def _read_partitions(reader, topic, partitions):
         yield from _read_partition(reader, topic, partition)
 
 
-def _read_partition(reader, topic, partition):
+def _read_partition(reader, topic, partition, first=0, last=None):
+    """The partition's messages from offset `first` to `last` (its end if None), of
+    those it still holds."""
     low, high = reader.get_watermark_offsets(TopicPartition(topic, partition), timeout=TIMEOUT)
-    if high <= low:
+    start, stop = max(low, first), high - 1 if last is None else min(high - 1, last)
+    if start > stop:
         return
-    reader.assign([TopicPartition(topic, partition, low)])
+    reader.assign([TopicPartition(topic, partition, start)])
+    read_any = False
+    count = READ_FIRST
     asked_since = time.monotonic()
     while True:
         # consume() waits its whole timeout for a batch it cannot fill: short waits,
         # so that a DLQ of a few records is read at once.
-        messages = reader.consume(READ_BATCH, READ_WAIT)
+        messages = reader.consume(count, READ_WAIT)
         if not messages:
             if time.monotonic() - asked_since > TIMEOUT:
                 raise ReplayError(f"{topic} [{partition}]: no answer from Kafka in {TIMEOUT} s")
             continue
+        size = sum(len(message) for message in messages)  # len(): the value's bytes
+        count = max(1, min(READ_BATCH, READ_BYTES * len(messages) // max(size, 1)))
         for message in messages:
             if message.error():
                 raise KafkaException(message.error())
+            offset = message.offset()
+            if offset < start or (offset > stop and not read_any):
+                continue  # fetched for an assignment before this one
+            if offset > stop:
+                return
+            read_any = True
             yield message
-            if message.offset() >= high - 1:
+            if offset == stop:
                 return
         # From here: the time the caller took over the batch (a replay) is not Kafka's.
         asked_since = time.monotonic()

@@ -3,22 +3,25 @@ and the memory stay bounded however many records are replayed, and what was repl
 never sent again."""
 
 import json
+import re
+import subprocess
+import sys
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from conftest import KAFKA, query, wait_until
+from conftest import KAFKA, ROOT, query, wait_until
 from test_dlq import admin
 from test_guarantees import peak_rss_mb
 
 PARKED = 100_000
 
 
-def park(pipeline, count, headers=None):
+def park(pipeline, count, headers=None, city=None):
     """DLQ records as the consumer writes them; every other one's error says 'odd'."""
     producer = Producer({"bootstrap.servers": KAFKA, "linger.ms": 50})
     for number in range(count):
         change = {"action_id": number + 1, "emp_id": number + 1, "first_name": "F", "last_name": "L",
-                  "dob": None, "city": None, "salary": 1, "action": "INSERT"}
+                  "dob": None, "city": city, "salary": 1, "action": "INSERT"}
         record = {"original_topic": pipeline.topic, "original_key": str(number + 1),
                   "original_value": json.dumps(change), "error": "odd" if number % 2 else "even",
                   "partition": 0, "offset": number, "timestamp": 1.0}
@@ -87,3 +90,46 @@ def test_consumer_redrives_100000_parked_records_within_100_mb(pipeline):
                "the re-driven changes in the destination", [consumer])
     assert peak_rss_mb(consumer) <= 100
     assert admin(pipeline, "dlq", "count").stdout.strip() == "0"
+
+
+# Runs a command and says its peak resident memory in MB on stderr's last line. A small
+# process of its own does it: the peak Linux reports for a child includes what its
+# parent had when it forked, and pytest's is larger than admin.py's.
+PEAK_OF = """import resource, subprocess, sys
+code = subprocess.run(sys.argv[1:]).returncode
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, file=sys.stderr)
+sys.exit(code)"""
+
+
+def admin_with_peak_mb(pipeline, *args):
+    """admin.py's exit code, output and peak resident memory (MB)."""
+    result = subprocess.run([sys.executable, "-c", PEAK_OF, sys.executable, str(ROOT / "admin.py"), *args],
+                            env=pipeline.env, capture_output=True, text=True, timeout=300)
+    *errors, peak = result.stderr.splitlines()
+    assert not errors, errors
+    return result.returncode, result.stdout, float(peak)
+
+
+def test_dlq_list_of_150_mb_of_records_is_newest_first_within_100_mb(pipeline):
+    # 1,500 records of 100 KB; the one of key 100 replayed (a marker after them all),
+    # then a message with no value: the records to list are offsets 0-98, 100-1499 and
+    # 1501, the second run read back in two windows of READ_BATCH.
+    park(pipeline, 1500, city="x" * 100_000)
+    assert "Replayed 1 messages" in admin(pipeline, "dlq", "replay", "--key", "100", timeout=120).stdout
+    producer = Producer({"bootstrap.servers": KAFKA})
+    producer.produce(pipeline.dlq_topic, key=b"no value", value=None)
+    assert producer.flush(10) == 0
+
+    code, listing, peak_mb = admin_with_peak_mb(pipeline, "dlq", "list")
+    assert code == 0, listing
+    assert listing.startswith(f"1500 DLQ record(s) in {pipeline.dlq_topic} not yet replayed")
+    assert listing.split("\n\n")[1] == f"[0] offset 1501: not a DLQ record: b''"
+    assert re.findall(r"key=(\d+)", listing) == [str(key) for key in range(1500, 0, -1) if key != 100]
+    assert peak_mb <= 100, f"admin.py dlq list peaked at {peak_mb:.0f} MB"
+
+    code, listing, _ = admin_with_peak_mb(pipeline, "dlq", "list", "--all", "--limit", "1402")
+    assert code == 0, listing
+    assert listing.startswith(f"1501 DLQ record(s) in {pipeline.dlq_topic}\n")
+    assert re.findall(r"key=(\d+)", listing) == [str(key) for key in range(1500, 99, -1)]
+    assert len(re.findall(r"\(replayed\)", listing)) == 1
+    assert re.search(r"key=100 .*\(replayed\)", listing)
