@@ -1,6 +1,6 @@
-"""Replay at scale, by admin.py dlq replay and by the consumer's re-drive: the markers
-and the memory stay bounded however many records are replayed, and what was replayed is
-never sent again."""
+"""The DLQ at scale, replayed by admin.py dlq replay and by the consumer's re-drive, and
+listed by admin.py dlq list: the markers and the memory stay bounded however many
+records there are, and what was replayed is never sent again."""
 
 import json
 import re
@@ -123,7 +123,7 @@ def test_dlq_list_of_150_mb_of_records_is_newest_first_within_100_mb(pipeline):
     code, listing, peak_mb = admin_with_peak_mb(pipeline, "dlq", "list")
     assert code == 0, listing
     assert listing.startswith(f"1500 DLQ record(s) in {pipeline.dlq_topic} not yet replayed")
-    assert listing.split("\n\n")[1] == f"[0] offset 1501: not a DLQ record: b''"
+    assert listing.split("\n\n")[1] == "[0] offset 1501: not a DLQ record: b''"
     assert re.findall(r"key=(\d+)", listing) == [str(key) for key in range(1500, 0, -1) if key != 100]
     assert peak_mb <= 100, f"admin.py dlq list peaked at {peak_mb:.0f} MB"
 
