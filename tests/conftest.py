@@ -106,6 +106,24 @@ def apply_roles(side, dbname=TEST_DB, **passwords):
         pytest.fail(f"{ROLES_SQL[side]} failed on the {side} database:\n{result.stderr}", pytrace=False)
 
 
+# Runs a command, then says its peak resident memory (KiB) as stderr's last line: from a
+# small process of its own, because the peak Linux reports for a child counts the pages
+# its parent held when it forked, and a test process's are more than the command's.
+PEAK_OF = """import resource, subprocess, sys
+code = subprocess.run(sys.argv[1:]).returncode
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)
+sys.exit(code)"""
+
+
+def run_with_peak_kib(args, **options):
+    """The command's CompletedProcess (text, output captured) and its peak resident
+    memory in KiB."""
+    result = subprocess.run([sys.executable, "-c", PEAK_OF, *args], capture_output=True, text=True, **options)
+    *errors, peak = result.stderr.splitlines()
+    result.stderr = "".join(f"{line}\n" for line in errors)
+    return result, int(peak)
+
+
 def query(side, sql, params=None, dbname=TEST_DB):
     """Runs one statement in the test database; returns its rows, if it has any."""
     with closing(connect(side, dbname)) as db, db.cursor() as cursor:

@@ -196,8 +196,12 @@ OTHER_PROGRAMS_FLAGS = {"--build", "--profile", "--dbz-warmup", "--help", "--dur
                         "--command-config", "--entity-type", "--operation", "--tool", "--single"}
 
 
+def flags_in(text):
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text))
+
+
 def help_flags(script, *command):
-    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", run(script, *command, "--help").stdout))
+    return flags_in(run(script, *command, "--help").stdout)
 
 
 def admin_commands():
@@ -220,10 +224,10 @@ def test_readme_names_every_flag_and_command_and_only_those():
                "scripts/scaling.py", "scripts/make_employees_csv.py"]
     in_code = set().union(*(help_flags(script) for script in scripts),
                           *(help_flags("admin.py", *command.split()) for command in commands))
-    in_readme = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", readme))
+    in_readme = flags_in(readme)
     assert in_readme - in_code - OTHER_PROGRAMS_FLAGS == set(), "in the README, in no script"
     for doc in sorted((ROOT / "docs").glob("*.md")):
-        in_doc = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", doc.read_text()))
+        in_doc = flags_in(doc.read_text())
         assert in_doc - in_code - OTHER_PROGRAMS_FLAGS == set(), f"in {doc.name}, in no script"
     assert in_code - in_readme - {"--help"} == set(), "in a script, not in the README"
     shown = set(re.findall(r"python admin\.py ((?:dlq )?[a-z][a-z-]*)", readme))

@@ -4,10 +4,8 @@ capture trigger, so that they replicate (loader.py)."""
 import re
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-from conftest import ROOT, query
+from conftest import ROOT, query, run_with_peak_kib
 from loader import CHUNK_ROWS
 
 SAMPLE_BAD_ROWS = [
@@ -126,21 +124,8 @@ def test_a_million_rows_in_bounded_memory(pipeline, tmp_path):
     path = tmp_path / "million.csv"
     subprocess.run([sys.executable, str(ROOT / "scripts/make_employees_csv.py"), "--rows", "1000000",
                     "--output", str(path)], check=True, capture_output=True, timeout=300)
-    with open(tmp_path / "out", "w+") as out, open(tmp_path / "err", "w+") as err:
-        process = subprocess.Popen([sys.executable, str(ROOT / "admin.py"), "load", str(path)],
-                                   env=pipeline.env, cwd=ROOT, stdout=out, stderr=err, text=True)
-        # The loader's own high-water mark, read while it runs: the rusage of wait4 counts
-        # the pages of this (large) test process that the child had before its exec.
-        peak_kib = 0
-        while process.poll() is None:
-            try:
-                status = Path(f"/proc/{process.pid}/status").read_text()
-            except FileNotFoundError:  # reaped between the poll and the read
-                break
-            peak_kib = max([peak_kib, *map(int, re.findall(r"VmHWM:\s+(\d+) kB", status))])
-            time.sleep(0.2)
-        out.seek(0), err.seek(0)
-        result = subprocess.CompletedProcess(process.args, process.returncode, out.read(), err.read())
+    result, peak_kib = run_with_peak_kib([sys.executable, str(ROOT / "admin.py"), "load", str(path)],
+                                         env=pipeline.env, cwd=ROOT, timeout=600)
     print(f"{result.stdout.strip()}; peak RSS {peak_kib // 1024} MB")
     assert result.returncode == 0, result.stderr
     assert summary(result) == (1_000_006, 1_000_000, 0, 0, 6)

@@ -4,12 +4,11 @@ records there are, and what was replayed is never sent again."""
 
 import json
 import re
-import subprocess
 import sys
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from conftest import KAFKA, ROOT, query, wait_until
+from conftest import KAFKA, ROOT, query, run_with_peak_kib, wait_until
 from test_dlq import admin
 from test_guarantees import peak_rss_mb
 
@@ -92,22 +91,12 @@ def test_consumer_redrives_100000_parked_records_within_100_mb(pipeline):
     assert admin(pipeline, "dlq", "count").stdout.strip() == "0"
 
 
-# Runs a command and says its peak resident memory in MB on stderr's last line. A small
-# process of its own does it: the peak Linux reports for a child includes what its
-# parent had when it forked, and pytest's is larger than admin.py's.
-PEAK_OF = """import resource, subprocess, sys
-code = subprocess.run(sys.argv[1:]).returncode
-print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, file=sys.stderr)
-sys.exit(code)"""
-
-
 def admin_with_peak_mb(pipeline, *args):
     """admin.py's exit code, output and peak resident memory (MB)."""
-    result = subprocess.run([sys.executable, "-c", PEAK_OF, sys.executable, str(ROOT / "admin.py"), *args],
-                            env=pipeline.env, capture_output=True, text=True, timeout=300)
-    *errors, peak = result.stderr.splitlines()
-    assert not errors, errors
-    return result.returncode, result.stdout, float(peak)
+    result, peak_kib = run_with_peak_kib([sys.executable, str(ROOT / "admin.py"), *args],
+                                         env=pipeline.env, timeout=300)
+    assert not result.stderr, result.stderr
+    return result.returncode, result.stdout, peak_kib / 1024
 
 
 def test_dlq_list_of_150_mb_of_records_is_newest_first_within_100_mb(pipeline):
